@@ -48,6 +48,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False  # wire `details: true`: per-token ids and logprobs in the result
+    ignore_eos: bool = False  # benchmarks only (not on the wire): always run to max_new_tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -1,0 +1,341 @@
+"""`loraq bench e2e`: one workload run on the engine directly and through RabbitMQ, in one run.
+
+    engine    an in-process `Engine`; requests submitted from this thread
+    rabbitmq  a worker subprocess (same settings, its own engine) fed by `consumer.client.Client`
+
+Each path runs two load shapes:
+    burst   every job submitted / published at once: throughput and latency under load
+    serial  one job at a time: what the broker path adds to a single job, nothing else running
+
+Workload: --jobs text prompts of about --prompt-tokens tokens, round-robin over the base model and
+--adapters random PEFT adapters (written to a temp adapter root), greedy, --new-tokens each. The
+wire has no `ignore_eos`, so neither path uses it: both decode the same greedy tokens and the
+printout checks that their texts agree. Adapter loads and first-call overheads are warmed up off
+the clock on both paths. Latency is per job, from submit / publish to the final result in hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+from consumer.client import DEFAULT_AMQP_URL, Client
+from consumer.demo import WorkerProcess, delete_topology, free_port, topology_args
+from consumer.logging import configure_logging
+from consumer.protocol import Topology
+from consumer.settings import WorkerSettings
+
+START_TIMEOUT_S = 600.0
+JOB_TIMEOUT_S = 600.0
+TARGET_OVERHEAD_MS = 5.0  # issue 3: the broker path adds < 5 ms p50 ...
+TARGET_RATIO = 0.95  # ... and keeps >= 95% of the engine's throughput
+
+
+@dataclass
+class Run:
+    """One load shape on one path; per job, in submission order."""
+
+    path: str  # engine | rabbitmq
+    load: str  # burst | serial
+    wall_s: float
+    latencies_ms: list[float]  # submit / publish -> result in hand
+    queue_ms: list[float]  # the engine's queue wait (through the worker: + its collection window)
+    outside_ms: list[float]  # latency - the engine's total_ms: transport and hand-offs
+    generated_tokens: list[int]
+    texts: list[str] = field(repr=False)
+
+    @classmethod
+    def serial(cls, runs: list["Run"]) -> "Run":
+        """Single-job runs one after another, as one run."""
+        return cls(runs[0].path, "serial", sum(r.wall_s for r in runs),
+                   *([x for r in runs for x in getattr(r, name)]
+                     for name in ("latencies_ms", "queue_ms", "outside_ms", "generated_tokens",
+                                  "texts")))
+
+    @property
+    def jobs_per_s(self) -> float:
+        return len(self.latencies_ms) / self.wall_s
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+    def summary(self) -> dict:
+        return {"path": self.path, "load": self.load, "jobs": len(self.latencies_ms),
+                "wall_s": round(self.wall_s, 3), "jobs_per_s": round(self.jobs_per_s, 3),
+                "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2),
+                "mean_ms": round(statistics.fmean(self.latencies_ms), 2),
+                "queue_p50_ms": round(percentile(self.queue_ms, 50), 2),
+                "outside_engine_p50_ms": round(percentile(self.outside_ms, 50), 2),
+                "generated_tokens": sum(self.generated_tokens)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def worker_args(settings: WorkerSettings) -> list[str]:
+    """`loraq worker` flags for every setting that differs from its default (metrics excluded:
+    WorkerProcess sets those), so the worker builds exactly `settings.engine_config()`."""
+    args: list[str] = []
+    for f in fields(WorkerSettings):
+        value = getattr(settings, f.name)
+        if f.name in ("metrics_port", "metrics_host") or f.default is MISSING or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(value)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+# ---- (i) the engine directly ---------------------------------------------------------------------
+
+def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
+    """Submit every job at once; each job's latency from its own submit to its on_finish."""
+    from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens)  # what the worker builds from the wire
+    lock, done = threading.Lock(), threading.Event()
+    ends: dict[int, tuple[float, object]] = {}
+
+    def on_finish(i: int, outcome) -> None:
+        with lock:
+            ends[i] = (time.perf_counter(), outcome)
+            if len(ends) == len(jobs):
+                done.set()
+
+    starts = []
+    t0 = time.perf_counter()
+    for i, (prompt, adapter) in enumerate(jobs):
+        starts.append(time.perf_counter())
+        engine.submit(GenerationRequest(id=uuid.uuid4().hex, prompt=prompt, params=params,
+                                        adapter=AdapterRef(adapter) if adapter else None),
+                      None, partial(on_finish, i))
+    if not done.wait(JOB_TIMEOUT_S):
+        raise RuntimeError(f"engine: {len(jobs) - len(ends)} jobs unfinished after {JOB_TIMEOUT_S} s")
+    outcomes = [ends[i][1] for i in range(len(jobs))]
+    failed = [o for o in outcomes if not isinstance(o, GenerationResult)]
+    if failed:
+        raise RuntimeError(f"engine: {len(failed)} jobs failed, first: {failed[0]}")
+    latencies = [(ends[i][0] - starts[i]) * 1000 for i in range(len(jobs))]
+    return Run("engine", "burst", max(end for end, _ in ends.values()) - t0, latencies,
+               [o.timings.queue_ms for o in outcomes],
+               [lat - o.timings.total_ms for lat, o in zip(latencies, outcomes)],
+               [o.generated_tokens for o in outcomes], [o.text for o in outcomes])
+
+
+# ---- (ii) through RabbitMQ -----------------------------------------------------------------------
+
+async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
+    """Publish every job at once; each job's latency from its publish to its result."""
+
+    async def one(prompt: str, adapter: str | None):
+        start = time.perf_counter()
+        result = await client.generate(prompt, adapter_id=adapter, max_new_tokens=new_tokens,
+                                       timeout=JOB_TIMEOUT_S)
+        return start, time.perf_counter(), result
+
+    t0 = time.perf_counter()
+    out = await asyncio.gather(*(one(p, a) for p, a in jobs))
+    latencies = [(end - start) * 1000 for start, end, _ in out]
+    results = [r for _, _, r in out]
+    return Run("rabbitmq", "burst", max(end for _, end, _ in out) - t0, latencies,
+               [r.timings["queue_ms"] for r in results],
+               [lat - r.timings["total_ms"] for lat, r in zip(latencies, results)],
+               [r.details["generated_tokens"] for r in results],
+               [r.generated_text for r in results])
+
+
+async def broker_runs(url: str, topology: Topology, warmup: list, burst: list, serial: list,
+                      new_tokens: int) -> tuple[Run, Run]:
+    async with Client(url, topology=topology, timeout=JOB_TIMEOUT_S) as client:
+        await broker_burst(client, warmup, 2)
+        burst_run = await broker_burst(client, burst, new_tokens)
+        return burst_run, Run.serial([await broker_burst(client, [job], new_tokens)
+                                      for job in serial])
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def overhead_p50(run: Run) -> float:
+    """p50 of what a job spent outside the engine's compute: queue wait + transport."""
+    return percentile([q + o for q, o in zip(run.queue_ms, run.outside_ms)], 50)
+
+
+def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
+           runs: dict[tuple[str, str], Run]) -> tuple[str, dict]:
+    """The printed table and the JSON numbers."""
+    import torch
+
+    burst_e, burst_r = runs["engine", "burst"], runs["rabbitmq", "burst"]
+    serial_e, serial_r = runs["engine", "serial"], runs["rabbitmq", "serial"]
+    same_burst = sum(a == b for a, b in zip(burst_e.texts, burst_r.texts))
+    same_serial = sum(a == b for a, b in zip(serial_e.texts, serial_r.texts))
+    s = {
+        "burst_throughput_ratio": burst_r.jobs_per_s / burst_e.jobs_per_s,
+        "burst_p50_latency_diff_ms": burst_r.p50_ms - burst_e.p50_ms,
+        "burst_p99_latency_diff_ms": burst_r.p99_ms - burst_e.p99_ms,
+        "serial_p50_latency_diff_ms": serial_r.p50_ms - serial_e.p50_ms,
+        "serial_p50_overhead_ms": overhead_p50(serial_r) - overhead_p50(serial_e),
+        "burst_p50_overhead_ms": overhead_p50(burst_r) - overhead_p50(burst_e),
+        "serial_p50_transport_ms": percentile(serial_r.outside_ms, 50),
+        "serial_p50_queue_added_ms": percentile(serial_r.queue_ms, 50)
+        - percentile(serial_e.queue_ms, 50),
+        "identical_texts_burst": f"{same_burst}/{len(burst_e.texts)}",
+        "identical_texts_serial": f"{same_serial}/{len(serial_e.texts)}",
+    }
+    ratio, over = s["burst_throughput_ratio"], s["serial_p50_overhead_ms"]
+    lines = [
+        f"e2e benchmark: {args.jobs} jobs over base + {args.adapters} random rank-{args.rank} "
+        f"adapters ({args.targets}), ~{args.prompt_tokens} prompt tokens, <= {args.new_tokens} new "
+        f"tokens, greedy",
+        f"model {settings.model} on {device}, max batch {settings.max_batch}, worker batch window "
+        f"{settings.batch_window_ms:g} ms, torch threads {torch.get_num_threads()}",
+        "",
+        f"{'load':7s} {'path':9s} {'jobs':>4s} {'jobs/s':>7s} {'p50 ms':>9s} {'p99 ms':>9s} "
+        f"{'queue p50':>9s} {'outside p50':>11s} {'tokens':>6s}",
+        *(f"{r.load:7s} {r.path:9s} {len(r.latencies_ms):4d} {r.jobs_per_s:7.2f} {r.p50_ms:9.1f} "
+          f"{r.p99_ms:9.1f} {percentile(r.queue_ms, 50):9.1f} {percentile(r.outside_ms, 50):11.1f} "
+          f"{sum(r.generated_tokens):6d}" for r in (burst_e, burst_r, serial_e, serial_r)),
+        "queue: the engine's queue wait (through the worker: + its batch window); outside: latency "
+        "minus the engine's total (broker transport, hand-offs)",
+        "",
+        f"throughput rabbitmq / engine (burst): {ratio:.3f}   "
+        f"[target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'missed'}]",
+        f"broker overhead per job, p50 of queue + outside, one at a time: {over:+.1f} ms "
+        f"(transport {s['serial_p50_transport_ms']:.1f} ms, queue "
+        f"{s['serial_p50_queue_added_ms']:+.1f} ms)   "
+        f"[target < {TARGET_OVERHEAD_MS:g} ms: {'met' if over < TARGET_OVERHEAD_MS else 'missed'}]",
+        f"  same in the burst: {s['burst_p50_overhead_ms']:+.1f} ms",
+        f"p50 latency difference (includes compute noise): one at a time "
+        f"{s['serial_p50_latency_diff_ms']:+.1f} ms, burst {s['burst_p50_latency_diff_ms']:+.1f} ms"
+        f" (p99 {s['burst_p99_latency_diff_ms']:+.1f} ms)",
+        f"identical texts engine vs rabbitmq: burst {same_burst}/{len(burst_e.texts)}, serial "
+        f"{same_serial}/{len(serial_e.texts)}",
+    ]
+    numbers = {"workload": {k: v for k, v in vars(args).items() if k != "json_out"},
+               "device": device, "runs": [r.summary() for r in runs.values()],
+               "summary": {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}}
+    return "\n".join(lines), numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="loraq bench e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--jobs", type=int, default=64, help="jobs in the burst")
+    ap.add_argument("--serial-jobs", type=int, default=8, help="jobs run one at a time")
+    ap.add_argument("--prompt-tokens", type=int, default=70)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8, help="distinct random adapters (+ base)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--batch-window-ms", type=float, default=WorkerSettings.batch_window_ms)
+    ap.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    ap.add_argument("--json", dest="json_out", metavar="FILE",
+                    help="also write the numbers as JSON to FILE ('-': stdout)")
+    args = ap.parse_args(argv)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+    from engine.bench import make_prompts, write_random_adapter
+    from engine.engine import Engine
+
+    configure_logging("warning")  # the in-process engine's per-request events would drown the table
+    root = Path(tempfile.mkdtemp(prefix="loraq-bench-e2e-"))
+    log_path = Path(tempfile.mkstemp(prefix="loraq-bench-e2e-worker-", suffix=".log")[1])
+    topology = Topology.prefixed(f"loraq-bench-{uuid.uuid4().hex[:8]}")
+    t = topology
+    settings = WorkerSettings(
+        amqp_url=args.amqp_url, exchange=t.exchange, queue=t.queue, dlx=t.dlx,
+        dead_queue=t.dead_queue, results_exchange=t.results_exchange, model=args.model,
+        device=args.device, dtype=args.dtype, adapter_root=str(root / "adapters"),
+        max_batch=args.max_batch, prefetch=max(args.jobs, args.max_batch),
+        batch_window_ms=args.batch_window_ms, max_lora_rank=max(args.rank, 1),
+        adapter_slots=max(args.adapters, WorkerSettings.adapter_slots))
+    (root / "adapters").mkdir()
+    worker = WorkerProcess(worker_args(settings), log_path, free_port())
+    engine = None
+    runs: dict[tuple[str, str], Run] = {}
+    ok = False
+    try:
+        # The worker loads its model while this process loads its own.
+        print(f"starting the worker (log {worker.log_path}) and loading the in-process engine ...",
+              file=sys.stderr, flush=True)
+        worker.start()
+        engine = Engine(settings.engine_config())
+        spec = engine.spec
+        names = [f"bench/a{i:02d}" for i in range(args.adapters)]
+        for i, name in enumerate(names):
+            write_random_adapter(root / "adapters" / name, spec.module_shapes, spec.num_layers,
+                                 args.rank, targets, i, spec.base_model_name)
+        tok = engine.tokenizer
+        texts = [tok.decode(ids) for ids in make_prompts(tok, args.jobs, args.prompt_tokens)]
+        mix = [None, *names]
+        burst = [(texts[i], mix[i % len(mix)]) for i in range(args.jobs)]
+        serial = [burst[i % len(burst)] for i in range(args.serial_jobs)]
+        warmup = [(texts[0], name) for name in mix]  # every adapter's load, off the clock
+
+        ready_s = asyncio.run(worker.wait_healthy(START_TIMEOUT_S))
+        print(f"worker healthy after {ready_s:.1f} s; running the engine path ...", file=sys.stderr,
+              flush=True)
+        engine_burst(engine, warmup, 2)
+        runs["engine", "burst"] = engine_burst(engine, burst, args.new_tokens)
+        runs["engine", "serial"] = Run.serial([engine_burst(engine, [job], args.new_tokens)
+                                               for job in serial])
+        device = str(engine.model.device)
+        engine.shutdown()  # the broker path gets the CPU to itself
+        engine = None
+        print("running the rabbitmq path ...", file=sys.stderr, flush=True)
+        runs["rabbitmq", "burst"], runs["rabbitmq", "serial"] = asyncio.run(broker_runs(
+            args.amqp_url, topology, warmup, burst, serial, args.new_tokens))
+        ok = True
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        code = worker.stop()
+        asyncio.run(delete_topology(args.amqp_url, topology))
+        shutil.rmtree(root, ignore_errors=True)
+        if not ok or code not in (0, -signal.SIGTERM):
+            print(f"worker exited with code {code}; its log ({worker.log_path}) ends:\n"
+                  f"{worker.log_tail()}", file=sys.stderr)
+
+    table, numbers = report(args, settings, device, runs)
+    # with --json -: stdout is the JSON alone, the table goes to stderr
+    print(f"\n{table}", file=sys.stderr if args.json_out == "-" else sys.stdout)
+    if args.json_out == "-":
+        print(json.dumps(numbers, indent=2))
+    elif args.json_out:
+        Path(args.json_out).write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

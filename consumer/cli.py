@@ -1,0 +1,175 @@
+"""`loraq` command line: generate through the broker, run the worker, benchmarks, health check.
+
+    loraq generate "Hello" --adapter-id demo/pirate [--stream] [--json]
+    loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
+    loraq bench engine|e2e|adapters ...
+    loraq health                                                  # exit 0 when the worker is healthy
+
+`worker`, `health` and `bench` hand their arguments to the module that owns them, imported only
+then: `generate` never loads the worker or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining argv
+    "worker": "consumer.worker:main",
+    "health": "consumer.worker:health_main",
+    "bench engine": "engine.bench:main",
+    "bench e2e": "consumer.bench_e2e:main",
+    "bench adapters": "engine.bench_adapters:main",
+}
+BENCH_HELP = {
+    "engine": "engine throughput: loraq vs transformers vs PEFT, base and many adapters",
+    "e2e": "jobs/s and latency through RabbitMQ against the engine alone",
+    "adapters": "adapter load, cache tiers and LoRA op cost",
+}
+CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraq", description="Serve many LoRA adapters on one base LLM, fed by RabbitMQ.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="publish one job and print its text",
+                         description="Publish one job (protocol v1) and print the generated text.")
+    gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    gen.add_argument("--adapter-id", default=None, help="adapter to use; omit for the base model")
+    gen.add_argument("--adapter-source", choices=("local", "hub"), default=None,
+                     help="default: the worker's")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a chat message (the model's chat template applies)")
+    gen.add_argument("--system", default=None, help="system message (implies --chat)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--typical-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--details", action="store_true", help="per-token ids and logprobs (--json)")
+    gen.add_argument("--json", action="store_true",
+                     help="print the result reply as JSON (with --stream: one line per token)")
+    gen.add_argument("--timeout", type=float, default=float(_env("LORAQ_TIMEOUT", "120")),
+                     help="seconds to wait for the result (env LORAQ_TIMEOUT; default 120)")
+    _add_broker_args(gen)
+    gen.set_defaults(func=_generate)
+
+    sub.add_parser("worker", add_help=False, help="run a worker (flags: loraq worker --help)")
+    bench = sub.add_parser("bench", help="benchmarks (loraq bench KIND --help)")
+    kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, text in BENCH_HELP.items():
+        kinds.add_parser(kind, add_help=False, help=text)
+
+    sub.add_parser("health", add_help=False,
+                   help="exit 0 if the local worker's /healthz answers (loraq health --help)")
+    return parser
+
+
+def _add_broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amqp-url", default=_env("LORAQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+                   help="broker URL (env LORAQ_AMQP_URL)")
+    p.add_argument("--exchange", default=_env("LORAQ_EXCHANGE", "loraq"),
+                   help="jobs exchange (env LORAQ_EXCHANGE)")
+    p.add_argument("--routing-key", default=_env("LORAQ_ROUTING_KEY", "generate"),
+                   help="jobs routing key (env LORAQ_ROUTING_KEY)")
+    p.add_argument("--content-type", choices=sorted(CONTENT_TYPES),
+                   default=_env("LORAQ_CONTENT_TYPE", "msgpack"),
+                   help="wire encoding of the job (env LORAQ_CONTENT_TYPE)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    return asyncio.run(_generate_async(args))
+
+
+async def _generate_async(args: argparse.Namespace) -> int:
+    # Imported here: `loraq worker` / `loraq bench` never pay for the client's imports.
+    from consumer.client import Client, LoraqError, Token
+    from consumer.protocol import ProtocolError, Topology
+
+    params: dict[str, Any] = {
+        "adapter_source": args.adapter_source, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "do_sample": args.do_sample or None,
+        "top_k": args.top_k, "top_p": args.top_p, "typical_p": args.typical_p,
+        "repetition_penalty": args.repetition_penalty, "stop": args.stop, "seed": args.seed,
+        "details": args.details or None,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    if args.chat or args.system is not None:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = {"messages": messages}
+    else:
+        prompt = {"inputs": args.prompt}
+    topology = Topology(exchange=args.exchange, routing_key=args.routing_key)
+    try:
+        async with Client(args.amqp_url, topology=topology,
+                          content_type=CONTENT_TYPES[args.content_type]) as client:
+            if not args.stream:
+                result = await client.generate(**prompt, adapter_id=args.adapter_id,
+                                               timeout=args.timeout, **params)
+                print(json.dumps(result.raw, ensure_ascii=False) if args.json
+                      else result.generated_text)
+                return 0
+            async for item in client.generate_stream(**prompt, adapter_id=args.adapter_id,
+                                                     timeout=args.timeout, **params):
+                if args.json:
+                    raw = dataclasses.asdict(item) if isinstance(item, Token) else item.raw
+                    print(json.dumps(raw, ensure_ascii=False), flush=True)
+                elif isinstance(item, Token):
+                    print(item.text, end="", flush=True)
+                else:
+                    print(flush=True)
+            return 0
+    except (LoraqError, ProtocolError) as e:
+        print(f"loraq: {e}", file=sys.stderr)
+        return 1
+    except ConnectionError as e:  # aio-pika's connection errors are ConnectionErrors too
+        url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", args.amqp_url)
+        print(f"loraq: cannot reach the broker at {url}: {e}", file=sys.stderr)
+        return 1
+
+
+def _delegate(target: str, argv: list[str]) -> int:
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if not (module_name == e.name or module_name.startswith(f"{e.name}.")):
+            raise  # the module exists but a dependency of it is missing: show that
+        print(f"loraq: {module_name} is not part of this install", file=sys.stderr)
+        return 2
+    return int(getattr(module, function)(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Delegated commands skip our parser: every flag after them belongs to their own.
+    if argv[:1] in (["worker"], ["health"]):
+        return _delegate(DELEGATES[argv[0]], argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATES:
+        return _delegate(DELEGATES[f"bench {argv[1]}"], argv[2:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Client for backend apps: publish a job (wire protocol v1), await its replies.
+
+Imports aio-pika, msgpack and `consumer.protocol` only (no torch, no transformers), so a backend
+app can install and use it alone:
+
+    async with Client("amqp://guest:guest@127.0.0.1:5672/") as client:
+        result = await client.generate("Hello", adapter_id="demo/pirate", max_new_tokens=32)
+        print(result.generated_text, result.timings)
+        async for item in client.generate_stream("Hello"):
+            print(item.text if isinstance(item, Token) else "", end="")
+
+    with SyncClient() as client:             # the same API without asyncio
+        print(client.generate("Hello").generated_text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from consumer.protocol import (
+    HEADER_ADAPTER_ID, HEADER_DEADLINE, INTERNAL, JSON, MSGPACK, OVERLOADED, REPLY_ERROR,
+    REPLY_RESULT, REPLY_TOKEN, Parameters, ProtocolError, Topology, decode_reply, encode,
+    error_body, job_body, normalize_content_type,
+)
+
+# stdlib logging, not structlog: a library embedded in someone else's app logs through theirs.
+log = logging.getLogger(__name__)
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_TIMEOUT_S = 60.0
+_CLOSED = "closed"  # the reply kind close() hands to jobs in flight
+_PARAMETER_NAMES = frozenset(f.name for f in fields(Parameters)) - {"adapter_id"}
+
+T = TypeVar("T")
+
+
+class LoraqError(Exception):
+    """Base of every error the client raises for a job."""
+
+
+class UnroutableError(LoraqError):
+    """The broker routed the job to no queue: no worker has declared the jobs queue (yet)."""
+
+
+class GenerationTimeout(LoraqError, TimeoutError):
+    """No final reply within the timeout. The job may still run; its late replies are dropped."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(f"job {job_id} got no reply within {timeout:g} s (is a worker running?)")
+        self.job_id = job_id
+        self.timeout = timeout
+
+
+class GenerationError(LoraqError):
+    """The worker answered with an error reply (or the broker refused the job)."""
+
+    def __init__(self, error_type: str, message: str, retryable: bool = False,
+                 job_id: str | None = None) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.retryable = retryable
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Token:
+    """One streamed token (`index` counts from 0)."""
+
+    index: int
+    id: int
+    text: str
+    logprob: float | None
+
+    @classmethod
+    def from_reply(cls, reply: dict) -> "Token":
+        tok = reply["token"]
+        return cls(index=reply["index"], id=tok.get("id"), text=tok.get("text", ""),
+                   logprob=tok.get("logprob"))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A result reply. `details`: finish_reason, prompt/generated token counts, seed, [tokens];
+    `timings`: queue_ms, adapter_load_ms, ttft_ms, total_ms; `raw`: the reply map as received."""
+
+    id: str
+    generated_text: str
+    details: dict
+    timings: dict
+    adapter_id: str | None
+    raw: dict
+
+    @classmethod
+    def from_reply(cls, reply: dict) -> "GenerationResult":
+        return cls(id=reply["id"], generated_text=reply["generated_text"],
+                   details=reply.get("details") or {}, timings=reply.get("timings") or {},
+                   adapter_id=reply.get("adapter_id"), raw=reply)
+
+
+class _Pending:
+    """The replies of one in-flight job, in arrival order. Leaves the client's map at its final
+    reply, so a duplicate final (a redelivered job answered twice) is dropped as unknown."""
+
+    __slots__ = ("job_id", "stream", "replies", "next_index")
+
+    def __init__(self, job_id: str, stream: bool) -> None:
+        self.job_id = job_id
+        self.stream = stream
+        self.replies: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+        self.next_index = 0  # tokens below it were seen (a recomputed job streams them again)
+
+
+class Client:
+    """Async client. One robust connection, one confirm channel, one exclusive reply queue;
+    any number of concurrent jobs, told apart by correlation id."""
+
+    def __init__(self, url: str = DEFAULT_AMQP_URL, *, topology: Topology | None = None,
+                 content_type: str = MSGPACK, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.url = url
+        self.topology = topology or Topology()
+        self.content_type = normalize_content_type(content_type)
+        self.timeout = timeout
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._reply_queue = f"loraq.reply.{uuid.uuid4().hex}"
+        self._pending: dict[str, _Pending] = {}
+
+    async def connect(self) -> "Client":
+        self._connection = await aio_pika.connect_robust(self.url)
+        try:
+            await self._open_channel(self._connection)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _open_channel(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        # on_return_raises: a mandatory job that reaches no queue raises at once instead of vanishing
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Declared here too (same arguments as the worker) so that publishing before any worker has
+        # started is "unroutable", not a channel-closing NOT_FOUND.
+        self._exchange = await channel.declare_exchange(
+            self.topology.exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        # A named queue (not amq.rabbitmq.reply-to) so the robust connection redeclares and
+        # re-consumes it after a reconnect, and replies sent after that still find their job;
+        # exclusive + auto_delete: gone with this client.
+        queue = await channel.declare_queue(self._reply_queue, exclusive=True, auto_delete=True)
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        for pending in self._pending.values():
+            pending.replies.put_nowait((_CLOSED, {}))
+        self._pending.clear()
+        self._exchange = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def __aenter__(self) -> "Client":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def generate(self, inputs: str | None = None, *, messages: list[dict] | None = None,
+                       adapter_id: str | None = None, timeout: float | None = None,
+                       job_id: str | None = None, deadline: float | None = None,
+                       **parameters: Any) -> GenerationResult:
+        """Run one job and return its result. `parameters`: protocol v1 names (max_new_tokens,
+        temperature, do_sample, top_k, top_p, typical_p, repetition_penalty, stop, seed,
+        return_full_text, details, adapter_source, api_token). `deadline`: seconds from now after
+        which the worker must not start it. Raises UnroutableError, GenerationTimeout,
+        GenerationError, ProtocolError (bad arguments, before publishing)."""
+        timeout = self.timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
+        cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
+                                          deadline, stream=False)
+        try:
+            kind, reply = await self._next(pending, end, timeout)
+            return self._final(pending, kind, reply)
+        finally:
+            self._pending.pop(cid, None)
+
+    async def generate_stream(self, inputs: str | None = None, *,
+                              messages: list[dict] | None = None, adapter_id: str | None = None,
+                              timeout: float | None = None, job_id: str | None = None,
+                              deadline: float | None = None,
+                              **parameters: Any) -> AsyncIterator[Token | GenerationResult]:
+        """Like `generate`, streamed: yields each `Token` in order, then the `GenerationResult`.
+        `timeout` bounds the whole job."""
+        timeout = self.timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
+        cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
+                                          deadline, stream=True)
+        try:
+            while True:
+                kind, reply = await self._next(pending, end, timeout)
+                if kind == REPLY_TOKEN:
+                    yield Token.from_reply(reply)
+                else:
+                    yield self._final(pending, kind, reply)
+                    return
+        finally:
+            self._pending.pop(cid, None)
+
+    async def _submit(self, inputs: str | None, messages: list[dict] | None,
+                      adapter_id: str | None, parameters: dict[str, Any], job_id: str | None,
+                      deadline: float | None, *, stream: bool) -> tuple[str, _Pending]:
+        if self._exchange is None:
+            raise LoraqError("client is not connected: use `async with Client(...)` or connect()")
+        unknown = set(parameters) - _PARAMETER_NAMES
+        if unknown:
+            raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
+        body = job_body(inputs=inputs, messages=messages,
+                        parameters={"adapter_id": adapter_id, **parameters}, stream=stream)
+        job_id = job_id or str(uuid.uuid4())
+        # A fresh correlation id per call: resubmitting a job id (for de-duplication) is a new wait.
+        cid = uuid.uuid4().hex
+        headers = {}
+        if adapter_id:  # what workers started with --affinity hash on
+            headers[HEADER_ADAPTER_ID] = adapter_id
+        if deadline is not None:
+            headers[HEADER_DEADLINE] = int((time.time() + deadline) * 1000)
+        message = aio_pika.Message(
+            encode(body, self.content_type), content_type=self.content_type,
+            message_id=job_id, correlation_id=cid, reply_to=self._reply_queue,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or None,
+            timestamp=datetime.now(timezone.utc))
+        pending = _Pending(job_id, stream)
+        self._pending[cid] = pending  # before publishing: a fast reply must find it
+        try:
+            await self._exchange.publish(message, self.topology.routing_key, mandatory=True)
+        except PublishError:
+            self._pending.pop(cid, None)
+            raise UnroutableError(
+                f"job {job_id} is unroutable: no queue is bound to exchange "
+                f"{self.topology.exchange!r} with routing key {self.topology.routing_key!r} "
+                f"(start a worker: `loraq worker`)") from None
+        except DeliveryError:  # Basic.Nack, e.g. a full queue with overflow=reject-publish
+            self._pending.pop(cid, None)
+            raise GenerationError(OVERLOADED, "the broker refused the job (nack)", True,
+                                  job_id) from None
+        except BaseException:
+            self._pending.pop(cid, None)
+            raise
+        return cid, pending
+
+    @staticmethod
+    async def _next(pending: _Pending, end: float, timeout: float) -> tuple[str, dict]:
+        try:
+            return await asyncio.wait_for(pending.replies.get(), max(0.0, end - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise GenerationTimeout(pending.job_id, timeout) from None
+
+    @staticmethod
+    def _final(pending: _Pending, kind: str, reply: dict) -> GenerationResult:
+        if kind == REPLY_RESULT:
+            return GenerationResult.from_reply(reply)
+        if kind == REPLY_ERROR:
+            raise GenerationError(reply["error_type"], reply["error"],
+                                  bool(reply.get("retryable", False)), pending.job_id)
+        raise LoraqError(f"client closed while job {pending.job_id} was in flight")
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        cid = message.correlation_id
+        pending = self._pending.get(cid) if cid else None
+        if pending is None:
+            log.debug("reply_dropped reason=unknown_correlation_id correlation_id=%s type=%s",
+                      cid, message.type)
+            return
+        try:
+            reply = decode_reply(message.body, message.content_type, message.type)
+        except ProtocolError as e:
+            # Only a worker publishes here: fail the job now rather than let it time out.
+            log.warning("reply_malformed job_id=%s error=%s", pending.job_id, e)
+            self._pending.pop(cid, None)
+            pending.replies.put_nowait((REPLY_ERROR, error_body(
+                pending.job_id, INTERNAL, f"malformed {message.type} reply: {e}")))
+            return
+        if message.type == REPLY_TOKEN:
+            if not pending.stream or reply["index"] < pending.next_index:
+                log.debug("reply_dropped reason=duplicate_token job_id=%s", pending.job_id)
+                return
+            pending.next_index = reply["index"] + 1
+        else:
+            self._pending.pop(cid, None)
+        pending.replies.put_nowait((message.type, reply))
+
+
+class SyncClient:
+    """`Client` for code without an event loop: runs one in a background thread. Connects at
+    construction; use it as a context manager or call `close()`."""
+
+    def __init__(self, url: str = DEFAULT_AMQP_URL, *, topology: Topology | None = None,
+                 content_type: str = MSGPACK, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loraq-client",
+                                        daemon=True)
+        self._thread.start()
+        self._client = Client(url, topology=topology, content_type=content_type, timeout=timeout)
+        try:
+            self._call(self._client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, inputs: str | None = None, **kwargs: Any) -> GenerationResult:
+        """See `Client.generate`."""
+        return self._call(self._client.generate(inputs, **kwargs))
+
+    def generate_stream(self, inputs: str | None = None,
+                        **kwargs: Any) -> Iterator[Token | GenerationResult]:
+        """See `Client.generate_stream`."""
+        agen = self._client.generate_stream(inputs, **kwargs)
+        try:
+            while True:
+                try:
+                    item = self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not self._loop.is_closed():
+                self._call(agen.aclose())  # an early `break` releases the job's slot
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self._client.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = [
+    "DEFAULT_AMQP_URL", "JSON", "MSGPACK", "Client", "GenerationError", "GenerationResult",
+    "GenerationTimeout", "LoraqError", "ProtocolError", "SyncClient", "Token", "UnroutableError",
+]

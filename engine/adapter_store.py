@@ -1,0 +1,394 @@
+"""The tiered adapter cache: device slots <- host RAM <- disk cache <- source.
+
+- device: `LoraSlots`, `adapter_device_slots` adapters in the layout the op reads. A slot is
+  pinned while requests use it (`acquire` .. `release`) and never evicted then; otherwise LRU.
+- host: validated `AdapterWeights` in RAM (pinned memory on CUDA, so host -> device copies are
+  asynchronous), `adapter_host_bytes` budget, LRU. An entry loaded ahead of use and not yet
+  acquired is protected for PREFETCH_HOLD_S, and queued loads (FIFO: the order requests arrived)
+  wait while such entries plus loads in flight would overflow the budget, so a flood of
+  prefetches cannot evict what is about to run. Only a load `acquire` needs at once (its host
+  copy went away) skips that wait, so the budget can be exceeded by at most LOAD_WORKERS
+  adapters, and only while every entry is such a protected one.
+- disk: hub snapshots in `adapter_disk_dir`, `adapter_disk_bytes` budget, LRU (local adapters are
+  already on disk: the adapter root is their source).
+- source: `LocalSource` (adapter root) or `HubSource` (when `hub_enabled`).
+
+Loads run in a small thread pool: one load per adapter however many requests want it. A failed
+load is remembered for `adapter_failure_ttl_s` and answered to every poll in that time.
+
+Staleness: `prefetch` (called for every submitted request) re-stats a local adapter's files
+(mtime, size, inode) at most every REVALIDATE_S per adapter; a change reloads it in the background
+under a new generation. From then on `acquire` hands out the new generation: if the old one is in
+a slot still pinned by running requests, new requests wait (acquire returns None) until those
+finish, then the slot is reloaded. So a request submitted more than REVALIDATE_S + one load time
+after the files changed runs on the new files, at worst after the old version's running requests
+(bounded by their max_new_tokens) drain. Replace adapter files atomically (write a new directory,
+then rename) so a load never reads a half-written file. Hub adapters are re-resolved (`main`
+moves) whenever they are loaded from source, i.e. after leaving the host tier.
+
+Threads: `acquire`, `release`, `poll` run on the engine thread (they alone touch LoraSlots);
+`prefetch` from any thread; loader threads only fill the host and disk tiers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from engine.adapter import AdapterWeights, load_peft_adapter
+from engine.adapter_source import AdapterSource, HubSource, LocalSource
+from engine.config import EngineConfig
+from engine.lora_slots import LoraSlots
+from engine.request import AdapterRef, EngineError, ErrorType
+
+if TYPE_CHECKING:
+    from engine.model_loader import ModelSpec
+
+log = structlog.get_logger(__name__)
+
+REVALIDATE_S = 2.0  # local adapters: files re-checked at most this often (per adapter)
+PREFETCH_HOLD_S = 60.0  # a prefetched, never-acquired host entry is not evicted for this long
+LOAD_WORKERS = 2
+
+
+@dataclass(eq=False)
+class _Adapter:
+    """What the store knows of one adapter while it is in the host or the device tier."""
+
+    ref: AdapterRef
+    generation: int
+    stamp: Hashable | None  # source fingerprint taken before the files were read
+    checked_at: float  # monotonic time the stamp was last compared
+    loaded_at: float
+    load_ms: float
+    nbytes: int
+    weights: AdapterWeights | None  # None: not in the host tier (may still be in a slot)
+    used: bool = False  # acquired since it was loaded
+
+
+@dataclass(eq=False)
+class _Slot:
+    key: str | None = None
+    generation: int = -1
+    pins: int = 0
+    last_used: int = 0
+
+
+@dataclass(eq=False)
+class _Tier:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+class AdapterStore:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, slots: LoraSlots,
+                 sources: dict[str, AdapterSource] | None = None) -> None:
+        self.config, self.spec, self.slots = config, spec, slots
+        if sources is None:
+            sources = {"local": LocalSource(config.adapter_root)}
+            if config.hub_enabled:
+                sources["hub"] = HubSource(config.adapter_disk_dir, config.hub_allow_orgs, config.allow_pickle)
+        self.sources = sources
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="adapter-load")
+        self._adapters: dict[str, _Adapter] = {}
+        self._host_lru: OrderedDict[str, None] = OrderedDict()  # keys with weights, oldest first
+        self._host_bytes = 0
+        self._disk: OrderedDict[str, tuple[AdapterRef, int]] = OrderedDict()  # key -> (ref, bytes)
+        self._disk_bytes = 0
+        self._slot_meta = [_Slot() for _ in range(slots.num_slots)]
+        self._slot_of: dict[str, int] = {}
+        self._pending: OrderedDict[str, tuple[AdapterRef, bool, bool]] = OrderedDict()  # (ref, demanded, revalidate)
+        self._inflight: dict[str, AdapterRef] = {}
+        self._failures: dict[str, tuple[EngineError, float]] = {}
+        self._generation = 0
+        self._tick = 0
+        self._tiers = {"device": _Tier(), "host": _Tier(), "disk": _Tier()}
+        self._load_times: deque[float] = deque(maxlen=1024)
+        self._loads = self._failed = 0
+
+    # ---- any thread -------------------------------------------------------------------------
+
+    def prefetch(self, ref: AdapterRef) -> None:
+        """Start loading `ref` (source -> disk -> host) in the background; returns at once."""
+        with self._lock:
+            if self._request(ref, demand=False):
+                self._start_loads()
+
+    def stats(self) -> dict:
+        with self._lock:
+            times = sorted(self._load_times)
+            pct = (lambda q: round(times[min(len(times) - 1, int(q * len(times)))], 2)) if times else (lambda q: 0.0)
+            return {
+                "device": {**self._tiers["device"].as_dict(), "slots": len(self._slot_meta),
+                           "used": len(self._slot_of), "pinned": sum(s.pins > 0 for s in self._slot_meta),
+                           "bytes": self.slots.nbytes},
+                "host": {**self._tiers["host"].as_dict(), "adapters": len(self._host_lru),
+                         "bytes": self._host_bytes, "budget_bytes": self.config.adapter_host_bytes},
+                "disk": {**self._tiers["disk"].as_dict(), "adapters": len(self._disk),
+                         "bytes": self._disk_bytes, "budget_bytes": self.config.adapter_disk_bytes},
+                "loads": self._loads, "load_failures": self._failed, "loading": len(self._inflight),
+                "queued": len(self._pending), "load_ms_p50": pct(0.5), "load_ms_p99": pct(0.99),
+            }
+
+    def load_ms(self, ref: AdapterRef) -> float:
+        """How long the last load of `ref` from its source took (0 if unknown)."""
+        with self._lock:
+            a = self._adapters.get(ref.key)
+            return a.load_ms if a is not None else 0.0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def poll(self, ref: AdapterRef) -> Literal["ready", "loading"] | EngineError:
+        """"ready" when `acquire` can place it without a source load; its EngineError if its last
+        load failed less than adapter_failure_ttl_s ago; otherwise "loading" (queued like a
+        prefetch if it is not yet). Cheap: the scheduler may poll every waiting adapter each step."""
+        with self._lock:
+            if self._ready(ref.key):
+                return "ready"
+            if self._request(ref, demand=False) or (self._pending and not self._inflight):
+                self._start_loads()  # (the latter: held entries may have outlived PREFETCH_HOLD_S)
+            failure = self._failures.get(ref.key)
+            return failure[0] if failure is not None else "loading"
+
+    def acquire(self, ref: AdapterRef) -> int | None:
+        """The device slot holding `ref`, pinned until `release`. Copies host -> slot if needed,
+        evicting the least recently used unpinned slot. None: not placeable now (every slot is
+        pinned, the adapter is not in the host tier, or a newer version waits for the old
+        version's requests to finish); the caller keeps the request waiting and retries."""
+        key = ref.key
+        with self._lock:
+            a = self._adapters.get(key)
+            target = self._slot_of.get(key)
+            if target is not None:
+                s = self._slot_meta[target]
+                if a is None or s.generation == a.generation:
+                    return self._pin(target, a, hit=True)
+                if s.pins > 0:
+                    return None  # newer version: wait for the old one's requests to finish
+            if a is None or a.weights is None:
+                self._request(ref, demand=True)
+                self._start_loads()
+                return None
+            if target is None:
+                target = self._free_slot()
+                if target is None:
+                    return None
+            self.slots.load(target, a.weights)
+            self._slot_meta[target] = _Slot(key, a.generation)
+            self._slot_of[key] = target
+            self._touch_host(key)
+            self._start_loads()  # `used` changed: held-back prefetches may fit now
+            return self._pin(target, a, hit=False)
+
+    def release(self, ref: AdapterRef) -> None:
+        """Unpin one `acquire` of `ref`."""
+        with self._lock:
+            slot = self._slot_of.get(ref.key)
+            if slot is not None and self._slot_meta[slot].pins > 0:
+                self._slot_meta[slot].pins -= 1
+            else:
+                log.warning("adapter_release_unpinned", adapter=ref.key)
+
+    # ---- internals (called with the lock held) ----------------------------------------------
+
+    def _ready(self, key: str) -> bool:
+        a = self._adapters.get(key)
+        if a is None:
+            return False
+        slot = self._slot_of.get(key)
+        return a.weights is not None or (slot is not None and self._slot_meta[slot].generation == a.generation)
+
+    def _pin(self, slot: int, a: _Adapter | None, hit: bool) -> int:
+        self._tick += 1
+        meta = self._slot_meta[slot]
+        meta.pins += 1
+        meta.last_used = self._tick
+        if a is not None:
+            a.used = True
+        self._tiers["device"].hits += hit
+        self._tiers["device"].misses += not hit
+        return slot
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the least recently used unpinned one (evicting its adapter)."""
+        free = [i for i, s in enumerate(self._slot_meta) if s.key is None]
+        if free:
+            return free[0]
+        idle = [i for i, s in enumerate(self._slot_meta) if s.pins == 0]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda i: self._slot_meta[i].last_used)
+        old = self._slot_meta[victim].key
+        del self._slot_of[old]
+        self._slot_meta[victim] = _Slot()
+        self.slots.clear(victim)
+        self._tiers["device"].evictions += 1
+        log.info("adapter_evicted", adapter=old, tier="device", slot=victim)
+        a = self._adapters.get(old)
+        if a is not None and a.weights is None:
+            del self._adapters[old]
+        return victim
+
+    def _request(self, ref: AdapterRef, demand: bool) -> bool:
+        """Queue a load of `ref` unless it is resident, loading, or failed recently; `demand`: acquire
+        needs it now, so it runs first and is not held back by the budget. True if queued."""
+        key, now = ref.key, time.monotonic()
+        failure = self._failures.get(key)
+        if failure is not None:
+            if failure[1] > now:
+                return False
+            del self._failures[key]
+        if key in self._inflight:
+            return False
+        if key in self._pending:
+            if demand:
+                self._pending[key] = (ref, True, False)
+                self._pending.move_to_end(key, last=False)
+            return demand
+        if self._ready(key):
+            self._tiers["host"].hits += 1
+            a = self._adapters[key]
+            if a.stamp is not None and now - a.checked_at >= REVALIDATE_S:
+                a.checked_at = now
+                self._pending[key] = (ref, False, True)
+                return True
+            return False
+        if ref.source not in self.sources:
+            self._fail(key, EngineError(ErrorType.VALIDATION, f"adapter source {ref.source!r} is not enabled"))
+            return False
+        self._tiers["host"].misses += 1
+        self._pending[key] = (ref, demand, False)
+        if demand:
+            self._pending.move_to_end(key, last=False)
+        return True
+
+    def _start_loads(self) -> None:
+        now = time.monotonic()
+        while self._pending and len(self._inflight) < LOAD_WORKERS:
+            key = next(iter(self._pending))
+            ref, demanded, revalidate = self._pending[key]
+            if not (demanded or revalidate):
+                held = sum(a.nbytes for a in self._adapters.values()
+                           if a.weights is not None and not a.used and now - a.loaded_at < PREFETCH_HOLD_S)
+                avg = self._host_bytes / len(self._host_lru) if self._host_lru else 0
+                if held + avg * (len(self._inflight) + 1) > self.config.adapter_host_bytes and (held or self._inflight):
+                    return  # prefetched entries would evict each other: wait until some are used
+            del self._pending[key]
+            self._inflight[key] = ref
+            self._pool.submit(self._load, ref, revalidate)
+
+    def _fail(self, key: str, error: EngineError) -> None:
+        self._failures[key] = (error, time.monotonic() + self.config.adapter_failure_ttl_s)
+        self._failed += 1
+        log.warning("adapter_load_failed", adapter=key, error_type=error.type.value, error=error.message,
+                    retryable=error.retryable)
+
+    def _touch_host(self, key: str) -> None:
+        if key in self._host_lru:
+            self._host_lru.move_to_end(key)
+
+    def _evict_host(self, keep: str) -> None:
+        now = time.monotonic()
+        for key in list(self._host_lru):
+            if self._host_bytes <= self.config.adapter_host_bytes:
+                return
+            a = self._adapters[key]
+            if key == keep or (not a.used and now - a.loaded_at < PREFETCH_HOLD_S):
+                continue
+            del self._host_lru[key]
+            self._host_bytes -= a.nbytes
+            a.weights = None
+            if key not in self._slot_of:
+                del self._adapters[key]
+            self._tiers["host"].evictions += 1
+            log.info("adapter_evicted", adapter=key, tier="host", bytes=a.nbytes)
+
+    def _evict_disk(self, keep: str) -> None:
+        for key in list(self._disk):
+            if self._disk_bytes <= self.config.adapter_disk_bytes:
+                return
+            if key == keep or key in self._inflight:
+                continue
+            ref, nbytes = self._disk.pop(key)
+            self._disk_bytes -= nbytes
+            self.sources[ref.source].evict(ref.id)
+            self._tiers["disk"].evictions += 1
+            log.info("adapter_evicted", adapter=key, tier="disk", bytes=nbytes)
+
+    # ---- loader threads ---------------------------------------------------------------------
+
+    def _load(self, ref: AdapterRef, revalidate: bool) -> None:
+        key, source = ref.key, self.sources[ref.source]
+        t0 = time.perf_counter()
+        disk_bytes, on_disk, unchanged, stamp, w = None, False, False, None, None
+        try:
+            stamp = source.stamp(ref.id)  # before reading: a change while we read is seen next time
+            with self._lock:
+                current = self._adapters.get(key)
+                unchanged = revalidate and current is not None and current.stamp == stamp
+            if not unchanged:
+                with self._lock:
+                    on_disk = key in self._disk
+                path = source.fetch(ref.id, ref.api_token)
+                if source.caches_on_disk:
+                    disk_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+                w = load_peft_adapter(path, self.spec, self.slots.dtype, self.slots.max_rank,
+                                      self.config.allow_pickle, key=key)
+                if self.slots.device.type == "cuda":
+                    w = w.pin_memory()
+            error = None
+        except EngineError as e:
+            error = e
+        except Exception as e:  # out of memory, disk faults: not the adapter's fault
+            error = EngineError(ErrorType.INTERNAL, f"adapter load failed: {type(e).__name__}: {e}", retryable=True)
+        ms = (time.perf_counter() - t0) * 1e3
+        with self._lock:
+            del self._inflight[key]
+            if error is not None and revalidate:  # keep serving the version we have
+                log.warning("adapter_revalidate_failed", adapter=key, error=error.message)
+            elif error is not None:
+                self._fail(key, error)
+            elif not unchanged:
+                self._insert(ref, w, stamp, ms, disk_bytes, on_disk)
+            self._start_loads()
+
+    def _insert(self, ref: AdapterRef, w: AdapterWeights, stamp: Hashable | None, ms: float,
+                disk_bytes: int | None, on_disk: bool) -> None:
+        key, now = ref.key, time.monotonic()
+        self._failures.pop(key, None)
+        old = self._adapters.get(key)
+        if old is not None and old.weights is not None:
+            self._host_bytes -= old.nbytes
+        self._generation += 1
+        self._adapters[key] = _Adapter(ref, self._generation, stamp, now, now, ms, w.nbytes, w)
+        self._host_lru[key] = None
+        self._host_lru.move_to_end(key)
+        self._host_bytes += w.nbytes
+        self._loads += 1
+        self._load_times.append(ms)
+        if disk_bytes is not None:
+            self._tiers["disk"].hits += on_disk
+            self._tiers["disk"].misses += not on_disk
+            if key in self._disk:
+                self._disk_bytes -= self._disk.pop(key)[1]
+            self._disk[key] = (ref, disk_bytes)
+            self._disk_bytes += disk_bytes
+            self._evict_disk(keep=key)
+        log.info("adapter_loaded", adapter=key, ms=round(ms, 1), bytes=w.nbytes, rank=w.rank,
+                 generation=self._generation, reloaded=old is not None)
+        self._evict_host(keep=key)

@@ -1,0 +1,213 @@
+"""Engine benchmark (issue 2): one run, one model, the same prompts, side by side.
+
+    python -m engine.bench            # or: loraq bench engine
+
+(a) loraq, base model alone          (b) loraq, N distinct adapters, one per request
+(c) transformers `generate`, base, padded static batch
+(d) PEFT mixed batch (`adapter_names`) (e) PEFT one request at a time
+Prints tokens/s for each and the ratios the README quotes. Throughput counts generated tokens
+(every request runs exactly --new-tokens; EOS is ignored so all systems do the same work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import save_file
+
+from engine.config import EngineConfig
+from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
+
+log = structlog.get_logger(__name__)
+
+SEED_TEXT = (
+    "The quarterly report covers revenue, churn and support tickets for every region. "
+    "Customers asked about invoices, password resets, delivery delays and refunds. "
+    "Summarise the main issues, list the three most urgent actions, and suggest a reply "
+    "template that a support agent could send to an unhappy customer today. "
+)
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n distinct prompts of exactly `length` token ids (rotated views of one long text)."""
+    ids = tokenizer(SEED_TEXT * 8, add_special_tokens=False)["input_ids"]
+    return [ids[(7 * i) % 200:(7 * i) % 200 + length] for i in range(n)]
+
+
+def write_random_adapter(out_dir: Path, module_shapes: dict[str, tuple[int, int]], num_layers: int,
+                         r: int, targets: tuple[str, ...], seed: int, base_name: str) -> Path:
+    """A PEFT-format LoRA adapter with random weights (small enough to keep text sane)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for m in targets:
+            fan_in, fan_out = module_shapes[m]
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.02
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+           "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
+           "base_model_name_or_path": base_name, "use_rslora": False, "use_dora": False}
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    return out_dir
+
+
+def run_engine(engine, prompts: list[list[int]], new_tokens: int,
+               adapters: list[str | None]) -> tuple[float, list[GenerationResult]]:
+    """Submit every request at once; wall seconds until the last finishes, and the results."""
+    done = threading.Event()
+    results: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def on_finish(outcome) -> None:
+        with lock:
+            results[outcome.request_id] = outcome
+            if len(results) == len(prompts):
+                done.set()
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
+        ref = AdapterRef(adapter) if adapter else None
+        engine.submit(GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
+                                        adapter=ref), None, on_finish)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    ordered = [results[f"r{i}"] for i in range(len(prompts))]
+    failed = [o for o in ordered if not isinstance(o, GenerationResult)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
+    return elapsed, ordered
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, **kw) -> tuple[float, list[list[int]]]:
+    """transformers `generate` on a left-padded static batch; seconds and new token ids per row."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **kw)
+    return time.perf_counter() - start, out[:, width:].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="loraq bench engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=70)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of (a) and (b), interleaved")
+    ap.add_argument("--peft-serial", type=int, default=8, help="requests timed for (e)")
+    ap.add_argument("--skip-hf", action="store_true", help="only (a) and (b)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", dest="json_out", help="also write the numbers to this file")
+    args = ap.parse_args(argv)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    n, new = args.requests, args.new_tokens
+    total_tokens = n * new
+
+    from engine.engine import Engine
+
+    root = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, adapter_root=str(root),
+                          max_batch_size=n, adapter_device_slots=max(n, 1), max_lora_rank=args.rank)
+    log.info("bench_load_engine", model=args.model)
+    engine = Engine(config)
+    spec, tok = engine.spec, engine.tokenizer
+    prompts = make_prompts(tok, n, args.prompt_tokens)
+    names = [f"bench/a{i:03d}" for i in range(n)]
+    for i, name in enumerate(names):
+        write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank, targets, i,
+                             spec.base_model_name)
+    log.info("bench_adapters_written", count=n, rank=args.rank, targets=targets)
+
+    # warm-up: first-call overheads and adapter loads (source -> host -> device slots) off the clock
+    cold_s, _ = run_engine(engine, prompts, 2, names)
+    run_engine(engine, prompts, 2, [None] * n)
+    times_a, times_b = [], []
+    for rep in range(args.repeats):
+        t_a, res_a = run_engine(engine, prompts, new, [None] * n)
+        t_b, res_b = run_engine(engine, prompts, new, names)
+        times_a.append(t_a)
+        times_b.append(t_b)
+        log.info("bench_repeat", rep=rep, base_s=round(t_a, 3), adapters_s=round(t_b, 3))
+    tps = {"a_loraq_base": total_tokens / statistics.median(times_a),
+           "b_loraq_adapters": total_tokens / statistics.median(times_b)}
+    engine_stats = engine.stats()
+    engine.shutdown()
+    agreement = None
+
+    if not args.skip_hf:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM  # noqa: F401  (model comes from the engine's loader)
+
+        from engine.model_loader import load_model
+
+        hf = load_model(config).hf_model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        hf_generate(hf, prompts[:2], 2, pad)  # warm-up
+        t_c, _ = hf_generate(hf, prompts, new, pad)
+        tps["c_hf_generate_base"] = total_tokens / t_c
+        log.info("bench_hf_done", seconds=round(t_c, 3))
+
+        t0 = time.perf_counter()
+        peft_model = PeftModel.from_pretrained(hf, str(root / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(root / name), adapter_name=name)
+        log.info("bench_peft_loaded", adapters=n, seconds=round(time.perf_counter() - t0, 1))
+        peft_model.eval()
+        t_d, ids_d = hf_generate(peft_model, prompts, new, pad, adapter_names=names)
+        tps["d_peft_mixed_batch"] = total_tokens / t_d
+        agreement = sum(list(r.token_ids) == d for r, d in zip(res_b, ids_d)) / n
+
+        k = min(args.peft_serial, n)
+        t_e = 0.0
+        for i in range(k):
+            peft_model.set_adapter(names[i])
+            t, _ = hf_generate(peft_model, prompts[i:i + 1], new, pad)
+            t_e += t
+        tps["e_peft_one_at_a_time"] = k * new / t_e
+
+    ratios = {"b/a": tps["b_loraq_adapters"] / tps["a_loraq_base"]}
+    if "c_hf_generate_base" in tps:
+        ratios["a/c"] = tps["a_loraq_base"] / tps["c_hf_generate_base"]
+        ratios["b/d"] = tps["b_loraq_adapters"] / tps["d_peft_mixed_batch"]
+        ratios["d/c"] = tps["d_peft_mixed_batch"] / tps["c_hf_generate_base"]
+        ratios["e/c"] = tps["e_peft_one_at_a_time"] / tps["c_hf_generate_base"]
+
+    print(f"\nengine benchmark: {n} requests x {args.prompt_tokens} prompt tokens x {new} new tokens, "
+          f"rank {args.rank} on {','.join(targets)}, device {config.device}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'system':34s} {'tok/s':>8s}")
+    for key, value in tps.items():
+        print(f"{key:34s} {value:8.1f}")
+    for key, value in ratios.items():
+        print(f"ratio {key:28s} {value:8.2f}")
+    print(f"cold first batch with {n} adapter loads: {cold_s:.2f} s (2 new tokens)")
+    if agreement is not None:
+        print(f"greedy token agreement loraq (b) vs PEFT (d): {agreement:.0%} of rows")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"tok_per_s": tps, "ratios": ratios,
+                                                   "engine_stats": engine_stats}, default=str, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

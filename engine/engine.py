@@ -1,0 +1,396 @@
+"""The engine's public surface: build from one config, `submit` requests with callbacks, `cancel`,
+`stats`, `shutdown`. One daemon thread owns every tensor and runs the step loop; other threads
+only put commands into its inbox. Callbacks run on the engine thread (callers hop threads).
+
+A step: answer what the scheduler failed, run one packed forward (prefill or decode), sample one
+token per row, stream it, retire finished sequences. An exception inside a step fails only that
+step's requests (INTERNAL, retryable) and frees what they held; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+import torch
+
+from engine.adapter_store import AdapterStore
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.kv_cache import BlockManager, KVCache
+from engine.lora_op import build_lora_op
+from engine.lora_slots import LoraSlots
+from engine.model_loader import LoadedModel, ModelSpec, load_model
+from engine.model_runner import ModelRunner
+from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure, GenerationRequest,
+                            GenerationResult, OnFinish, OnToken, Outcome, Timings, TokenEvent)
+from engine.sampler import Sampler, SamplingState
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+log = structlog.get_logger(__name__)
+
+IDLE_WAIT_S = 0.5  # nothing queued: sleep until a command arrives (or this long)
+BLOCKED_WAIT_S = 0.005  # work queued but nothing runnable (adapters loading): poll again soon
+DEADLINE_SWEEP_S = 0.1  # how often waiting requests are checked against their deadline
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
+        """Load the model (or take an already loaded one: tests and benchmarks share it), size the
+        KV cache from its byte budget, and start the step thread."""
+        self.config = config
+        self.model = model or load_model(config)
+        spec = self.model.spec
+        hf_config = self.model.hf_model.config
+        attn = self.model.hf_model.model.layers[0].self_attn
+        self.kv_cache = KVCache(spec.num_layers, hf_config.num_key_value_heads, attn.head_dim,
+                                config.kv_block_size, config.kv_cache_bytes, self.model.device, self.model.dtype)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.kv_block_size)
+        # A sequence never outgrows the cache: longer than its capacity it could not run even alone.
+        model_len = config.max_model_len or self.model.max_model_len
+        self._max_model_len = min(model_len, self.kv_cache.capacity_tokens)
+        if self._max_model_len < model_len:
+            log.warning("max_model_len_capped_by_kv_cache", max_model_len=self._max_model_len,
+                        model_max_len=model_len, kv_cache_bytes=config.kv_cache_bytes)
+        self.slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank,
+                               self.model.device, self.model.dtype)
+        self.adapter_store = AdapterStore(config, spec, self.slots)
+        self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots))
+        self.scheduler = Scheduler(config, self.blocks, self.adapter_store)
+        self.sampler = Sampler()
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[str] = set()  # request ids submitted and not yet finished
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._stopping = False  # shutdown begun: admit nothing new
+        self._closed = False  # the step thread has ended (guarded by _lock)
+        self._last_sweep = 0.0
+        self.num_steps = 0
+        self.num_prefill_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_step_failures = 0
+        self._thread = threading.Thread(target=self._loop, name="loraq-engine", daemon=True)
+        self._thread.start()
+        log.info("engine_ready", kv_blocks=self.kv_cache.num_blocks, block_size=config.kv_block_size,
+                 max_model_len=self._max_model_len, max_batch_size=config.max_batch_size)
+
+    # ---- public surface (any thread) ------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def submit(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:
+        """Thread-safe, returns at once. Exactly one `on_finish` follows, on the engine thread."""
+        if request.adapter is not None:
+            self.prefetch(request.adapter)  # the load overlaps queueing and tokenization
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._live.add(request.id)
+                self._inbox.put(("submit", request, on_token, on_finish))
+        if closed:  # no engine thread any more to call back from
+            self._callback(request.id, on_finish, GenerationFailure(request.id, _shut_down()))
+        self._wake.set()
+
+    def prefetch(self, adapter: AdapterRef) -> None:
+        self.adapter_store.prefetch(adapter)
+
+    def cancel(self, request_id: str) -> bool:
+        """True if the request was still live; it then ends with a GenerationFailure (INTERNAL,
+        "cancelled") and its KV blocks and adapter pin are freed before the next step."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+        return True
+
+    def stats(self) -> dict:
+        """Live counters (plain ints and lengths: safe to read from any thread) and the adapter
+        store's tiers."""
+        sched = self.scheduler
+        return {
+            "running": len(sched.running), "waiting": sched.num_waiting + self._inbox.qsize(),
+            "steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
+            "generated_tokens": self.num_generated_tokens, "step_failures": self.num_step_failures,
+            "preemptions": sched.num_preemptions, "active_adapters": len(sched.active),
+            "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_free": self.blocks.num_free, "adapters": self.adapter_store.stats(),
+        }
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop admitting: waiting requests (and any submitted later) fail OVERLOADED, retryable;
+        running ones finish, or fail the same way when `timeout` seconds pass first."""
+        self._inbox.put(("shutdown", None if timeout is None else time.monotonic() + timeout))
+        self._wake.set()
+        self._thread.join(None if timeout is None else timeout + 5.0)
+
+    # ---- the step thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        stop_at: float | None = None
+        while True:
+            stop_at = self._drain_inbox(stop_at)
+            if self._stopping and (not self.scheduler.running or (stop_at is not None and time.monotonic() >= stop_at)):
+                break
+            try:
+                ran = self._step()
+            except Exception:  # a bug outside the forward: never kill the thread
+                log.exception("engine_loop_error")
+                ran = False
+            if not ran:
+                idle = not self.scheduler.running and not self.scheduler.num_waiting
+                self._wake.wait(IDLE_WAIT_S if idle else BLOCKED_WAIT_S)
+                self._wake.clear()
+        for seq in list(self.scheduler.running):
+            self._release(seq)
+            self._fail(seq, _shut_down())
+        with self._lock:
+            self._closed = True
+        self._drain_inbox(stop_at)  # submitted before _closed was set: fail them
+        self.adapter_store.close()
+        log.info("engine_stopped", steps=self.num_steps)
+
+    def _drain_inbox(self, stop_at: float | None) -> float | None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return stop_at
+            kind = command[0]
+            if kind == "submit":
+                self._accept(*command[1:])
+            elif kind == "cancel":
+                self._cancel(command[1])
+            elif kind == "shutdown":
+                stop_at = command[1]
+                self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        self._stopping = True
+        for seq in self.scheduler.waiting():
+            self.scheduler.remove_waiting(seq)
+            self._fail(seq, _shut_down())
+
+    def _accept(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:
+        """Validate and tokenize on the engine thread (the tokenizer is not shared across threads)."""
+        bound = log.bind(request_id=request.id)
+        try:
+            if self._stopping:
+                raise _shut_down()
+            if request.id in self._seqs:
+                raise EngineError(ErrorType.VALIDATION, f"request id {request.id!r} is already running")
+            if self.scheduler.num_waiting >= self.config.max_waiting:
+                raise EngineError(ErrorType.OVERLOADED, f"{self.config.max_waiting} requests already waiting",
+                                  retryable=True)
+            if request.deadline is not None and time.time() >= request.deadline:
+                raise EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it was queued")
+            self._check_params(request)
+            prompt_ids = self._tokenize(request)
+        except EngineError as error:
+            bound.info("request_rejected", error_type=error.type.value, error=error.message)
+            self._finish_callback(request.id, on_finish, GenerationFailure(request.id, error))
+            return
+        params = request.params
+        seq = Sequence(
+            request=request, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
+            sampling=SamplingState.create(params, self.model.device),
+            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+            on_token=on_token, on_finish=on_finish,
+        )
+        self._seqs[request.id] = seq
+        self.scheduler.add(seq)
+        bound.info("request_queued", prompt_tokens=len(prompt_ids), max_new_tokens=params.max_new_tokens,
+                   adapter=request.adapter.key if request.adapter else None)
+
+    def _check_params(self, request: GenerationRequest) -> None:
+        params, config = request.params, self.config
+        if params.max_new_tokens > config.max_new_tokens_limit:
+            raise EngineError(ErrorType.VALIDATION,
+                              f"max_new_tokens {params.max_new_tokens} exceeds the limit {config.max_new_tokens_limit}")
+        if len(params.stop) > config.max_stop_sequences:
+            raise EngineError(ErrorType.VALIDATION, f"more than {config.max_stop_sequences} stop sequences")
+        if any(len(s) > config.max_stop_length for s in params.stop):
+            raise EngineError(ErrorType.VALIDATION, f"a stop sequence is longer than {config.max_stop_length} chars")
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        tok = self.tokenizer
+        try:
+            if request.prompt_token_ids is not None:
+                ids = list(request.prompt_token_ids)
+                vocab = self.model.hf_model.config.vocab_size
+                if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                    raise EngineError(ErrorType.VALIDATION, f"prompt_token_ids must be ints in [0, {vocab})")
+            elif request.messages is not None:
+                text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok(request.prompt)["input_ids"]
+        except EngineError:
+            raise
+        except Exception as exc:  # a template that rejects the messages, odd content types
+            raise EngineError(ErrorType.VALIDATION, f"cannot tokenize the request: {exc}") from exc
+        if not ids:
+            raise EngineError(ErrorType.VALIDATION, "empty prompt")
+        if len(ids) + 1 > self._max_model_len:
+            raise EngineError(ErrorType.PROMPT_TOO_LONG,
+                              f"prompt has {len(ids)} tokens; the model's context is {self._max_model_len} "
+                              f"(prompt + at least one new token)")
+        return ids
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        self._release(seq)
+        self._fail(seq, EngineError(ErrorType.INTERNAL, "cancelled"))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.scheduler.finish(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.scheduler.remove_waiting(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _sweep_deadlines(self) -> None:
+        now = time.time()
+        if now - self._last_sweep < DEADLINE_SWEEP_S:
+            return
+        self._last_sweep = now
+        for seq in self.scheduler.waiting():
+            if seq.num_output_tokens == 0 and seq.request.deadline is not None and now >= seq.request.deadline:
+                self._release(seq)
+                self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline while queued"))
+
+    def _step(self) -> bool:
+        """One scheduling decision and (at most) one forward. False when nothing could run."""
+        self._sweep_deadlines()
+        outcome = self.scheduler.schedule()
+        for seq, error in outcome.failed:
+            seq.status = SequenceStatus.FINISHED
+            self._fail(seq, error)
+        batch = outcome.batch
+        if batch is None:
+            return False
+        seqs = batch.seqs
+        if batch.prefill:  # never compute a request that expired before it ran
+            now = time.time()
+            late = [s for s in seqs if s.num_output_tokens == 0 and s.request.deadline is not None
+                    and now >= s.request.deadline]
+            for seq in late:
+                self._release(seq)
+                self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it ran"))
+            seqs = [s for s in seqs if s.status is SequenceStatus.RUNNING]
+            if not seqs:
+                return True
+        try:
+            logits = self.runner.run(seqs, batch.prefill)  # [B, V] fp32
+            token_ids, logprobs = self.sampler.sample(logits, [s.sampling for s in seqs], [s.token_ids for s in seqs])
+        except Exception as exc:
+            self.num_step_failures += 1
+            log.exception("step_failed", prefill=batch.prefill, rows=len(seqs),
+                          request_ids=[s.request_id for s in seqs])
+            for seq in seqs:
+                self._release(seq)
+                self._fail(seq, EngineError(ErrorType.INTERNAL, f"step failed: {type(exc).__name__}: {exc}",
+                                            retryable=True))
+            return True
+        self.num_steps += 1
+        if batch.prefill:
+            self.num_prefill_tokens += sum(s.num_tokens for s in seqs)
+        self.num_generated_tokens += len(seqs)
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            try:
+                self._append_token(seq, token_id, logprob)
+            except Exception as exc:  # detokenizer or bookkeeping bug: this request only
+                log.exception("token_failed", request_id=seq.request_id)
+                if seq.status is not SequenceStatus.FINISHED:
+                    self._release(seq)
+                    self._fail(seq, EngineError(ErrorType.INTERNAL, f"{type(exc).__name__}: {exc}", retryable=True))
+        return True
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
+        params = seq.request.params
+        seq.token_ids.append(token_id)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.time()
+        reason = None
+        if token_id in self.model.eos_token_ids and not params.ignore_eos:
+            text, reason = seq.detokenizer.flush(), "eos_token"
+        else:
+            text, stopped = seq.detokenizer.add(token_id)
+            if stopped:
+                reason = "stop_sequence"
+            elif seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self._max_model_len:
+                text, reason = text + seq.detokenizer.flush(), "length"
+        event = TokenEvent(seq.request_id, seq.num_output_tokens - 1, token_id, text, logprob)
+        if params.logprobs:
+            seq.events.append(event)
+        if seq.on_token is not None:
+            self._callback(seq.request_id, seq.on_token, event)
+        if reason is not None:
+            seq.finish_reason = reason
+            self._release(seq)
+            self._complete(seq)
+
+    def _complete(self, seq: Sequence) -> None:
+        request = seq.request
+        now = time.time()
+        arrival = request.arrival_time
+        adapter_ms = self.adapter_store.load_ms(request.adapter) if request.adapter else 0.0
+        timings = Timings(
+            queue_ms=((seq.admitted_at or now) - arrival) * 1000, adapter_load_ms=adapter_ms,
+            ttft_ms=((seq.first_token_at or now) - arrival) * 1000, total_ms=(now - arrival) * 1000,
+        )
+        result = GenerationResult(
+            request_id=request.id, text=seq.detokenizer.text, finish_reason=seq.finish_reason,
+            prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens, timings=timings,
+            adapter_id=request.adapter.id if request.adapter else None, seed=seq.sampling.seed,
+            tokens=tuple(seq.events), token_ids=tuple(seq.output_ids),
+        )
+        log.info("request_done", request_id=request.id, finish_reason=seq.finish_reason,
+                 prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens,
+                 preemptions=seq.num_preemptions, ttft_ms=round(timings.ttft_ms, 1),
+                 total_ms=round(timings.total_ms, 1))
+        self._forget(seq)
+        self._finish_callback(request.id, seq.on_finish, result)
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        log.info("request_failed", request_id=seq.request_id, error_type=error.type.value, error=error.message)
+        self._forget(seq)
+        self._finish_callback(seq.request_id, seq.on_finish, GenerationFailure(seq.request_id, error))
+
+    def _forget(self, seq: Sequence) -> None:
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+
+    def _finish_callback(self, request_id: str, on_finish: OnFinish, outcome: Outcome) -> None:
+        if request_id not in self._seqs:  # else a rejected duplicate id: the original still runs
+            with self._lock:
+                self._live.discard(request_id)
+        self._callback(request_id, on_finish, outcome)
+
+    @staticmethod
+    def _callback(request_id: str, fn: Callable, arg) -> None:
+        try:
+            fn(arg)
+        except Exception:  # a caller's bug must not take the engine down
+            log.exception("callback_failed", request_id=request_id)
+
+
+def _shut_down() -> EngineError:
+    return EngineError(ErrorType.OVERLOADED, "engine shutting down", retryable=True)

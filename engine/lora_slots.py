@@ -1,0 +1,89 @@
+"""The device tier: every resident adapter's weights stacked in the layout the LoRA op reads.
+
+Per target module, one zero-padded tensor holds all slots of all layers:
+    A[module]: [num_layers, num_slots, in, max_rank]
+    B[module]: [num_layers, num_slots, max_rank, out]   (scale folded in)
+so `A[module][layer, slot, :, :r]` is a view the op multiplies with, never a copy. Padding rows
+and columns are zero, so slicing to any r >= the slot's rank gives the same product.
+
+Tensors are allocated lazily, the first time a loaded adapter targets a module: a deployment
+whose adapters touch only q/v pays nothing for the MLP. Memory per allocated module is
+`num_layers * num_slots * max_rank * (in + out) * itemsize` and is never given back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from engine.adapter import AdapterWeights
+from engine.config import LORA_MODULES
+
+if TYPE_CHECKING:
+    from engine.model_loader import ModelSpec
+
+
+class LoraSlots:
+    def __init__(self, spec: ModelSpec, num_slots: int, max_rank: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        self.ranks: list[int] = [0] * num_slots  # per slot, 0 = empty
+        # Bumped on every load/clear of a slot; the op keys cached gathers on them.
+        self.versions: list[int] = [0] * num_slots
+        self._clock = 0
+
+    def has_module(self, module: str) -> bool:
+        """True once some loaded adapter targets `module` (the op can be skipped otherwise)."""
+        return module in self.A
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.A.values(), *self.B.values()))
+
+    def _allocate(self, module: str) -> None:
+        fan_in, fan_out = self.spec.module_shapes[module]
+        shape = (self.spec.num_layers, self.num_slots)
+        self.A[module] = torch.zeros(*shape, fan_in, self.max_rank, device=self.device, dtype=self.dtype)
+        self.B[module] = torch.zeros(*shape, self.max_rank, fan_out, device=self.device, dtype=self.dtype)
+
+    def _bump(self, slot: int) -> None:
+        self._clock += 1
+        self.versions[slot] = self._clock
+
+    def load(self, slot: int, w: AdapterWeights) -> None:
+        """Copy adapter `w` into `slot`, zeroing every allocated module and layer it does not target.
+        On CUDA the copies are asynchronous when `w` is in pinned memory; ops issued later on the
+        same stream see the data, and the caching host allocator keeps the pinned source alive."""
+        if w.rank > self.max_rank:
+            raise ValueError(f"adapter rank {w.rank} exceeds slot max_rank {self.max_rank}")
+        for module in {name for _, name in w.modules}:
+            if module not in self.A:
+                self._allocate(module)
+        non_blocking = self.device.type == "cuda"
+        for module in LORA_MODULES:
+            if module not in self.A:
+                continue
+            A, B = self.A[module][:, slot], self.B[module][:, slot]  # [L, in, R], [L, R, out]
+            A.zero_()
+            B.zero_()
+            for layer in range(self.spec.num_layers):
+                ab = w.modules.get((layer, module))
+                if ab is not None:
+                    r = ab[0].shape[1]
+                    A[layer, :, :r].copy_(ab[0], non_blocking=non_blocking)
+                    B[layer, :r, :].copy_(ab[1], non_blocking=non_blocking)
+        self.ranks[slot] = w.rank
+        self._bump(slot)
+
+    def clear(self, slot: int) -> None:
+        """Mark `slot` empty. Its stale values stay until the next load overwrites every module."""
+        self.ranks[slot] = 0
+        self._bump(slot)

@@ -1,0 +1,71 @@
+"""One request's life inside the engine: its tokens, KV blocks, adapter slot, sampling and timings."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.request import GenerationRequest, OnFinish, OnToken, TokenEvent
+
+if TYPE_CHECKING:
+    from engine.detokenizer import Detokenizer
+    from engine.sampler import SamplingState
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds KV blocks (and an adapter slot when it has an adapter)
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    token_ids: list[int]  # prompt + generated so far
+    num_prompt_tokens: int
+    sampling: SamplingState | None = None  # None only in scheduler tests
+    detokenizer: Detokenizer | None = None
+    on_token: OnToken | None = None
+    on_finish: OnFinish | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    adapter_slot: int = -1  # device slot of its adapter while running; -1: base model
+    events: list[TokenEvent] = field(default_factory=list)  # kept only with params.logprobs
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    admitted_at: float | None = None  # time.time() of its first admission
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.id
+
+    @property
+    def adapter_key(self) -> str | None:
+        """Scheduling key: one queue per adapter, None for the base model."""
+        return self.request.adapter.key if self.request.adapter else None
+
+    @property
+    def arrival_time(self) -> float:
+        return self.request.arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.request.params.max_new_tokens

@@ -1,0 +1,249 @@
+"""PEFT adapter loading: exact parity with PEFT's own LoRA modules, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.adapter import load_peft_adapter
+from engine.model_loader import ModelSpec
+from engine.request import EngineError, ErrorType
+from tests.builders import make_adapter, make_tiny_model
+
+KEY = "base_model.model.model.layers.{}.{}.{}.lora_{}.weight"
+
+
+def spec_of(model_dir: Path) -> ModelSpec:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return ModelSpec(cfg["model_type"], cfg["num_hidden_layers"], h, shapes, model_dir.name)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, ModelSpec]:
+    d = make_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", layers=3)
+    return d, spec_of(d)
+
+
+@pytest.fixture(scope="module")
+def plain(model, tmp_path_factory) -> Path:
+    """r=8 on q/v: the adapter the refusal cases edit."""
+    return make_adapter(model[0], tmp_path_factory.mktemp("a") / "plain", r=8, alpha=16)
+
+
+def edited(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:
+    """A copy of adapter `src` with config keys overridden and/or tensors replaced by tensors(dict)."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        cfg.update(config)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        st = dst / "adapter_model.safetensors"
+        save_file(tensors(load_file(st)), st)
+    return dst
+
+
+def refused(path: Path, spec: ModelSpec, *words: str, max_rank=64, allow_pickle=False) -> EngineError:
+    with pytest.raises(EngineError) as e:
+        load_peft_adapter(path, spec, torch.float32, max_rank, allow_pickle)
+    assert e.value.type == ErrorType.ADAPTER_INVALID and not e.value.retryable
+    for w in words:
+        assert w in e.value.message, (w, e.value.message)
+    return e.value
+
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARITY = {
+    "plain": dict(r=8, alpha=16),
+    "rslora": dict(r=16, alpha=8, use_rslora=True, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "all_linear_rank1": dict(r=1, alpha=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj")),
+    "patterns": dict(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"),
+                     rank_pattern={"v_proj": 12, "model.layers.1.self_attn.q_proj": 2},
+                     alpha_pattern={"down_proj": 32, r"layers\.2\.self_attn\.q_proj": 1}),
+    "rslora_patterns": dict(r=8, alpha=16, use_rslora=True, targets=("q_proj", "o_proj", "up_proj"),
+                            rank_pattern={"o_proj": 3}, alpha_pattern={"up_proj": 5}),
+    "layers_to_transform": dict(r=6, alpha=12, targets=("q_proj", "gate_proj"), layers_to_transform=[0, 2]),
+    "exclude_modules": dict(r=5, alpha=10, targets=("q_proj", "k_proj"),
+                            exclude_modules=["model.layers.1.self_attn.k_proj"]),
+    # saved configs edited afterwards (PEFT expands these when it loads them)
+    "all_linear_string": dict(r=4, alpha=4, targets=ALL, config={"target_modules": "all-linear"}),
+    "regex_string": dict(r=4, alpha=4, targets=("q_proj", "v_proj"),
+                         config={"target_modules": r".*\.layers\.\d+\.self_attn\.(q|v)_proj"}),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_parity_with_peft(model, tmp_path, case):
+    """Every module's delta x @ A @ B equals PEFT's lora_B(lora_A(x)) * scaling, and we wrap
+    exactly the modules PEFT wraps."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, spec = model
+    kwargs = dict(PARITY[case])
+    targets = kwargs.pop("targets", ("q_proj", "v_proj"))
+    config = kwargs.pop("config", None)
+    path = make_adapter(model_dir, tmp_path / case, targets=targets, seed=len(case), **kwargs)
+    if config is not None:
+        path = edited(path, tmp_path / f"{case}_edited", config=config)
+    w = load_peft_adapter(path, spec, torch.float32, 64, False, key="local:" + case)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), path)
+    wrapped = {}
+    for name, mod in peft.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            parts = name.split(".")
+            wrapped[(int(parts[parts.index("layers") + 1]), parts[-1])] = mod
+    assert set(wrapped) == set(w.modules)
+    x = torch.randn(5, spec.hidden_size * 3)
+    for (layer, name), mod in wrapped.items():
+        xi = x[:, :spec.module_shapes[name][0]]
+        want = mod.lora_B["default"](mod.lora_A["default"](xi)) * mod.scaling["default"]
+        A, B = w.modules[(layer, name)]
+        assert A.shape == (spec.module_shapes[name][0], mod.r["default"])
+        torch.testing.assert_close(xi @ A @ B, want, rtol=1e-5, atol=1e-6)
+    assert w.rank == max(m.r["default"] for m in wrapped.values())
+    assert w.nbytes == sum(a.nbytes + b.nbytes for a, b in w.modules.values())
+    assert w.key == "local:" + case
+
+
+def test_compute_dtype(model, plain):
+    w = load_peft_adapter(plain, model[1], torch.bfloat16, 64, False)
+    A, B = next(iter(w.modules.values()))
+    assert A.dtype == B.dtype == torch.bfloat16 and A.is_contiguous() and B.is_contiguous()
+
+
+@pytest.mark.parametrize("config,words", [
+    (dict(use_dora=True), ["use_dora"]),
+    (dict(bias="lora_only"), ["bias"]),
+    (dict(bias="all"), ["bias"]),
+    (dict(lora_bias=True), ["lora_bias"]),
+    (dict(modules_to_save=["lm_head"]), ["modules_to_save"]),
+    (dict(target_parameters=["mlp.experts.gate_up_proj"]), ["target_parameters"]),
+    (dict(fan_in_fan_out=True), ["fan_in_fan_out"]),
+    (dict(peft_type="IA3"), ["peft_type"]),
+    (dict(target_modules=["q_proj", "embed_tokens"]), ["target_modules", "embed_tokens"]),
+    (dict(target_modules=["lm_head", "v_proj"]), ["target_modules", "lm_head"]),
+    (dict(target_modules=".*(lm_head|q_proj)"), ["target_modules", "lm_head"]),
+    (dict(target_modules=[]), ["target_modules"]),
+    (dict(target_modules=["nothing_here"]), ["target_modules", "selects no module"]),
+    (dict(r=4), ["shape", "rank", "r / rank_pattern"]),  # tensors say 8
+    (dict(rank_pattern={"v_proj": 2}), ["rank"]),
+    (dict(lora_alpha="16"), ["lora_alpha"]),
+    (dict(layer_replication=[[0, 2]]), ["layer_replication"]),
+    (dict(trainable_token_indices=[1, 2]), ["trainable_token_indices"]),
+    (dict(layers_to_transform=[0]), ["unexpected tensor"]),  # file has layers 1, 2 too
+    (dict(layers_to_transform="0"), ["layers_to_transform"]),
+    (dict(target_modules="(q_proj"), ["target_modules", "regex"]),
+    (dict(exclude_modules=[3]), ["exclude_modules"]),
+    (dict(rank_pattern={"[": 4}), ["rank_pattern", "regex"]),
+    (dict(target_modules=7), ["target_modules"]),
+    (dict(alpha_pattern=[1]), ["alpha_pattern"]),
+    (dict(target_modules=["q_proj", "v_proj", "k_proj"]), ["missing tensor", "k_proj"]),
+])
+def test_config_refusals(model, plain, tmp_path, config, words):
+    refused(edited(plain, tmp_path / "a", config=config), model[1], *words)
+
+
+def test_rank_above_max_refused(model, plain):
+    refused(plain, model[1], "r / rank_pattern", "max_lora_rank", max_rank=4)
+
+
+def test_real_dora_and_bias_adapters_refused(model, tmp_path):
+    dora = make_adapter(model[0], tmp_path / "dora", use_dora=True)
+    refused(dora, model[1], "use_dora")
+    bias = make_adapter(model[0], tmp_path / "bias", lora_bias=True)
+    refused(bias, model[1], "lora_bias")
+    mts = make_adapter(model[0], tmp_path / "mts", modules_to_save=["lm_head"])
+    refused(mts, model[1], "modules_to_save")
+    emb = make_adapter(model[0], tmp_path / "emb", targets=("embed_tokens", "q_proj"))
+    refused(emb, model[1], "embed_tokens")
+
+
+def test_tensor_refusals(model, plain, tmp_path):
+    spec = model[1]
+    q0A = KEY.format(0, "self_attn", "q_proj", "A")
+    # missing tensor
+    refused(edited(plain, tmp_path / "missing", tensors=lambda t: {k: v for k, v in t.items() if k != q0A}),
+            spec, "missing tensor", q0A)
+    # extra tensor (k_proj not targeted)
+    extra = lambda t: {**t, KEY.format(0, "self_attn", "k_proj", "A"): torch.zeros(8, 64)}
+    refused(edited(plain, tmp_path / "extra", tensors=extra), spec, "unexpected tensor", "k_proj")
+    # a tensor of a module we do not know
+    odd = lambda t: {**t, "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": torch.zeros(8, 64)}
+    refused(edited(plain, tmp_path / "odd", tensors=odd), spec, "unexpected tensor")
+    # non-finite values
+    nan = lambda t: {**t, q0A: torch.full_like(t[q0A], float("nan"))}
+    refused(edited(plain, tmp_path / "nan", tensors=nan), spec, "non-finite", q0A)
+    inf = lambda t: {**t, q0A: torch.full_like(t[q0A], float("inf"))}
+    refused(edited(plain, tmp_path / "inf", tensors=inf), spec, "non-finite")
+    # wrong shapes (a different base model)
+    wide = lambda t: {**t, q0A: torch.zeros(8, 32)}
+    refused(edited(plain, tmp_path / "wide", tensors=wide), spec, "shape", "different base model")
+    # DoRA magnitude vector / lora bias tensors slipped in without the config flags
+    mag = lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
+    refused(edited(plain, tmp_path / "mag", tensors=mag), spec, "use_dora")
+    bias = lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.ones(64)}
+    refused(edited(plain, tmp_path / "lbias", tensors=bias), spec, "lora_bias")
+    head = lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.ones(8, 64)}
+    refused(edited(plain, tmp_path / "head", tensors=head), spec, "lm_head")
+
+
+def test_other_architecture_refused(model, tmp_path):
+    """An adapter trained for a model with other widths, or more layers, is refused by shape."""
+    other = make_tiny_model(tmp_path / "other", "qwen2", layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    refused(make_adapter(other, tmp_path / "narrow"), model[1], "shape", "different base model")
+    deep = make_tiny_model(tmp_path / "deep", "llama", layers=5)
+    refused(make_adapter(deep, tmp_path / "deep_a"), model[1], "layer 3", "3 layers")
+
+
+def test_files(model, plain, tmp_path):
+    spec = model[1]
+    d = edited(plain, tmp_path / "noconfig")
+    (d / "adapter_config.json").unlink()
+    refused(d, spec, "adapter_config.json missing")
+    d = edited(plain, tmp_path / "badjson")
+    (d / "adapter_config.json").write_text("{not json")
+    refused(d, spec, "adapter_config.json", "JSON")
+    d = edited(plain, tmp_path / "noweights")
+    (d / "adapter_model.safetensors").unlink()
+    refused(d, spec, "adapter_model.safetensors missing")
+    d = edited(plain, tmp_path / "corrupt")
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    refused(d, spec, "unreadable")
+    d = edited(plain, tmp_path / "truncated")
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    refused(d, spec, "unreadable")
+
+
+def test_pickle_needs_opt_in(model, plain, tmp_path):
+    spec = model[1]
+    d = edited(plain, tmp_path / "bin")
+    torch.save(load_file(d / "adapter_model.safetensors"), d / "adapter_model.bin")
+    (d / "adapter_model.safetensors").unlink()
+    refused(d, spec, "adapter_model.bin", "allow_pickle")
+    got = load_peft_adapter(d, spec, torch.float32, 64, allow_pickle=True)
+    want = load_peft_adapter(plain, spec, torch.float32, 64, allow_pickle=False)
+    assert got.modules.keys() == want.modules.keys()
+    for k in want.modules:
+        assert torch.equal(got.modules[k][0], want.modules[k][0]) and torch.equal(got.modules[k][1], want.modules[k][1])
+    # weights_only=True: a pickle that is not plain tensors is refused, never executed
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    refused(d, spec, "adapter_model.bin", "unreadable", allow_pickle=True)

@@ -1,0 +1,516 @@
+"""The engine end to end on tiny random Llama / Mistral / Qwen2 models: exact against transformers
+(greedy tokens, logits) and against PEFT with many adapters in one batch; continuous batching
+(join mid-flight, KV budget exhausted), and the request lifecycle (too long, cancel, deadline,
+overload, a failing step, shutdown)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.kv_cache import BlockManager, KVCache
+from engine.model_runner import ModelRunner
+from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, GenerationResult,
+                            SamplingParams)
+from engine.sequence import Sequence
+from tests.builders import make_adapter
+from tests.conftest import ARCHS, run_requests
+
+PROMPT_LENGTHS = (3, 17, 40, 9, 26)
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 259, (n,), generator=g).tolist()
+
+
+def greedy(new: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=new, **kw)
+
+
+def hf_greedy(model, ids: list[int], new: int) -> list[int]:
+    """transformers' own generate, one prompt at a time (no padding): the reference."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture
+def make_engine(tiny_model_dirs, loaded_models):
+    engines: list[Engine] = []
+
+    def make(arch: str = "llama", **config) -> Engine:
+        engine = Engine(EngineConfig(model=str(tiny_model_dirs[arch]), **config), model=loaded_models(arch))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(timeout=10)
+
+
+def result(outcome) -> GenerationResult:
+    assert isinstance(outcome, GenerationResult), outcome
+    return outcome
+
+
+def failure(outcome, error_type: ErrorType) -> GenerationFailure:
+    assert isinstance(outcome, GenerationFailure), outcome
+    assert outcome.error.type is error_type, outcome.error.message
+    return outcome
+
+
+# ---- exactness against transformers -----------------------------------------------------------
+
+@pytest.mark.parametrize("arch", [*ARCHS, "mistral_sliding"])
+def test_logits_match_hf_forward(arch, tiny_model_dirs, loaded_models, hf_models):
+    """Prefill of several sequences in one packed step, then decode steps over the paged cache
+    (block size 4, so contexts span blocks): every row's logits within 1e-3 of HF's forward."""
+    if arch == "mistral_sliding":
+        from engine.config import EngineConfig
+        from engine.model_loader import load_model
+        model = load_model(EngineConfig(model=str(tiny_model_dirs[arch])))
+        from transformers import AutoModelForCausalLM
+        ref = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
+    else:
+        model, ref = loaded_models(arch), hf_models(arch)
+    cfg = model.hf_model.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                    4, 1 << 20, model.device, model.dtype)
+    blocks = BlockManager(cache.num_blocks, 4)
+    runner = ModelRunner(model, cache)
+    seqs = []
+    for i, n in enumerate((5, 19, 3, 11)):
+        ids = prompt_ids(n, seed=i)
+        seqs.append(Sequence(GenerationRequest(id=str(i), prompt_token_ids=ids), list(ids), n))
+        blocks.allocate(seqs[-1])
+    logits = runner.run(seqs, prefill=True)
+    for step in range(8):
+        with torch.no_grad():
+            for seq, row in zip(seqs, logits):
+                expected = ref(torch.tensor([seq.token_ids])).logits[0, -1]
+                torch.testing.assert_close(row, expected, atol=1e-3, rtol=0)
+        for seq, row in zip(seqs, logits):
+            seq.token_ids.append(int(row.argmax()))
+            blocks.append(seq)
+        logits = runner.run(seqs, prefill=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_hf_generate(arch, make_engine, hf_models):
+    engine = make_engine(arch)
+    prompts = {f"p{n}": prompt_ids(n, seed=n) for n in PROMPT_LENGTHS}
+    outcomes = run_requests(engine, [GenerationRequest(id=k, prompt_token_ids=v, params=greedy())
+                                     for k, v in prompts.items()])
+    for key, ids in prompts.items():
+        r = result(outcomes[key])
+        assert list(r.token_ids) == hf_greedy(hf_models(arch), ids, 12), key
+        assert r.prompt_tokens == len(ids) and r.generated_tokens == len(r.token_ids)
+        assert r.finish_reason in ("length", "eos_token")
+        assert r.timings.queue_ms >= 0 and 0 < r.timings.ttft_ms <= r.timings.total_ms
+
+
+def test_text_prompt_and_chat_template(make_engine, hf_models):
+    engine = make_engine("llama")
+    tok = engine.tokenizer
+    messages = [{"role": "user", "content": "Hello there"}]
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="text", prompt="The cat sat", params=greedy(6)),
+        GenerationRequest(id="chat", messages=messages, params=greedy(6)),
+    ])
+    text_ids = tok("The cat sat")["input_ids"]
+    chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    assert result(outcomes["chat"]).prompt_tokens == len(chat_ids)
+    assert chat_ids[:1] == [tok.convert_tokens_to_ids("<|im_start|>")]
+    for key, ids in (("text", text_ids), ("chat", chat_ids)):
+        r = result(outcomes[key])
+        assert list(r.token_ids) == hf_greedy(hf_models("llama"), ids, 6)
+        assert r.text == tok.decode(r.token_ids, skip_special_tokens=True)
+
+
+# ---- continuous batching ---------------------------------------------------------------------
+
+def test_join_mid_flight_does_not_change_outputs(make_engine, hf_models):
+    engine = make_engine("llama")
+    ids = {k: prompt_ids(n, seed=n + 100) for k, n in (("a", 7), ("b", 21), ("late", 13))}
+    outcomes: dict = {}
+    done = threading.Event()
+    joined_at: list[int] = []
+
+    def finish(outcome):
+        outcomes[outcome.request_id] = outcome
+        if len(outcomes) == 3:
+            done.set()
+
+    def on_token(event):
+        if event.request_id == "a" and event.index == 4 and not joined_at:
+            joined_at.append(engine.stats()["steps"])  # a and b are mid-flight: the late one joins
+            engine.submit(GenerationRequest(id="late", prompt_token_ids=ids["late"], params=greedy(16)), None, finish)
+
+    for key in ("a", "b"):
+        engine.submit(GenerationRequest(id=key, prompt_token_ids=ids[key], params=greedy(16, ignore_eos=True)),
+                      on_token, finish)
+    assert done.wait(60)
+    assert joined_at
+    for key in ("a", "b"):
+        assert list(result(outcomes[key]).token_ids) == _hf_no_eos(hf_models("llama"), ids[key], 16), key
+    assert list(result(outcomes["late"]).token_ids) == hf_greedy(hf_models("llama"), ids["late"], 16)
+
+
+def _hf_no_eos(model, ids, new):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def test_kv_budget_exhausted_waits_preempts_and_stays_exact(make_engine, hf_models):
+    # tiny llama: one 4-token block = 2 (K, V) * 2 layers * 4 * 2 heads * 16 dims * 4 bytes = 2 KiB
+    engine = make_engine("llama", kv_block_size=4, kv_cache_bytes=32 * 1024)
+    assert engine.kv_cache.num_blocks == 16
+    prompts = {f"p{i}": prompt_ids(n, seed=200 + i) for i, n in enumerate((10, 12, 9, 14, 11))}
+    requests = [GenerationRequest(id=k, prompt_token_ids=v, params=greedy(20, ignore_eos=True))
+                for k, v in prompts.items()]
+    outcomes = run_requests(engine, requests, timeout=120)
+    for key, ids in prompts.items():
+        assert list(result(outcomes[key]).token_ids) == _hf_no_eos(hf_models("llama"), ids, 20), key
+    stats = engine.stats()
+    assert stats["preemptions"] > 0
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == 16
+
+
+def test_max_model_len_capped_by_kv_cache_and_length_finish(make_engine):
+    engine = make_engine("llama", kv_block_size=4, kv_cache_bytes=16 * 1024)  # 8 blocks of 4 tokens
+    assert engine.max_model_len == 32
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="fits", prompt_token_ids=prompt_ids(28, 1), params=greedy(50, ignore_eos=True)),
+        GenerationRequest(id="long", prompt_token_ids=prompt_ids(32, 2), params=greedy(5)),
+    ])
+    r = result(outcomes["fits"])
+    assert r.finish_reason == "length" and r.generated_tokens == 4
+    failure(outcomes["long"], ErrorType.PROMPT_TOO_LONG)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_sampling_reproducible_across_batch_mixes(make_engine, do_sample):
+    engine = make_engine("llama")
+    params = SamplingParams(max_new_tokens=10, do_sample=do_sample, temperature=0.9, top_k=50, seed=1234)
+    ids = prompt_ids(15, 7)
+    alone = run_requests(engine, [GenerationRequest(id="x", prompt_token_ids=ids, params=params)])
+    others = [GenerationRequest(id=f"o{i}", prompt_token_ids=prompt_ids(5 + 3 * i, i),
+                                params=SamplingParams(max_new_tokens=4 + i, do_sample=True, seed=i))
+              for i in range(6)]
+    mixed = run_requests(engine, [*others[:3], GenerationRequest(id="x", prompt_token_ids=ids, params=params),
+                                  *others[3:]])
+    assert result(alone["x"]).token_ids == result(mixed["x"]).token_ids
+    assert result(mixed["x"]).seed == 1234
+
+
+# ---- request lifecycle -----------------------------------------------------------------------
+
+def test_prompt_too_long(make_engine):
+    engine = make_engine("llama", max_model_len=16)
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="too_long", prompt_token_ids=prompt_ids(16, 0)),
+        GenerationRequest(id="edge", prompt_token_ids=prompt_ids(15, 0), params=greedy(10, ignore_eos=True)),
+    ])
+    assert "16 tokens" in failure(outcomes["too_long"], ErrorType.PROMPT_TOO_LONG).error.message
+    r = result(outcomes["edge"])
+    assert r.generated_tokens == 1 and r.finish_reason == "length"
+
+
+def test_validation_errors(make_engine):
+    engine = make_engine("llama", max_new_tokens_limit=8, max_stop_sequences=1)
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="many_new", prompt="hi", params=greedy(9)),
+        GenerationRequest(id="stops", prompt="hi", params=greedy(4, stop=("a", "b"))),
+        GenerationRequest(id="bad_ids", prompt_token_ids=[1, 10_000]),
+        GenerationRequest(id="empty", prompt=""),
+        GenerationRequest(id="ok", prompt="hi", params=greedy(8)),
+    ])
+    for key in ("many_new", "stops", "bad_ids", "empty"):
+        failure(outcomes[key], ErrorType.VALIDATION)
+    result(outcomes["ok"])
+
+
+def test_eos_finishes_with_eos_token(make_engine, loaded_models):
+    ids = prompt_ids(12, 3)
+    engine = make_engine("llama")
+    first = result(run_requests(engine, [GenerationRequest(id="a", prompt_token_ids=ids, params=greedy(8))])["a"])
+    # make the model's 3rd greedy token an end-of-sequence token
+    model = dataclasses.replace(loaded_models("llama"), eos_token_ids=frozenset({first.token_ids[2]}))
+    eos_engine = Engine(EngineConfig(model="unused"), model=model)
+    try:
+        r = result(run_requests(eos_engine, [GenerationRequest(id="b", prompt_token_ids=ids, params=greedy(8))])["b"])
+    finally:
+        eos_engine.shutdown(10)
+    assert r.finish_reason == "eos_token"
+    assert r.token_ids == first.token_ids[:3]
+
+
+def test_stream_events_and_logprobs(make_engine):
+    engine = make_engine("llama")
+    events = []
+    outcomes = run_requests(engine, [GenerationRequest(id="s", prompt="abc", params=greedy(6, logprobs=True))],
+                            on_token=events.append)
+    r = result(outcomes["s"])
+    assert [e.index for e in events] == list(range(6))
+    assert tuple(e.token_id for e in events) == r.token_ids
+    assert "".join(e.text for e in events) == r.text
+    assert r.tokens == tuple(events) and all(e.logprob is not None and e.logprob <= 0 for e in events)
+
+
+def test_cancel_running_and_unknown(make_engine):
+    engine = make_engine("llama")
+    outcomes = {}
+    done = threading.Event()
+
+    def finish(outcome):
+        outcomes[outcome.request_id] = outcome
+        done.set()
+
+    def on_token(event):
+        if event.index == 2:
+            assert engine.cancel("c")
+
+    engine.submit(GenerationRequest(id="c", prompt="hello", params=greedy(400, ignore_eos=True)), on_token, finish)
+    assert done.wait(30)
+    assert failure(outcomes["c"], ErrorType.INTERNAL).error.message == "cancelled"
+    assert not engine.cancel("c") and not engine.cancel("never-seen")
+    _wait_for(lambda: engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0)
+
+
+def test_deadline_exceeded_is_never_computed(make_engine):
+    engine = make_engine("llama")
+    outcomes = run_requests(engine, [GenerationRequest(id="late", prompt="x", deadline=time.time() - 1)])
+    failure(outcomes["late"], ErrorType.DEADLINE_EXCEEDED)
+    assert engine.stats()["steps"] == 0
+
+
+def test_queue_bound_overloaded(make_engine):
+    engine = make_engine("llama", max_batch_size=1, max_waiting=1)
+    requests = [GenerationRequest(id=f"r{i}", prompt="hello", params=greedy(30, ignore_eos=True)) for i in range(6)]
+    outcomes = run_requests(engine, requests)
+    overloaded = [o for o in outcomes.values() if isinstance(o, GenerationFailure)]
+    assert overloaded and all(o.error.type is ErrorType.OVERLOADED and o.error.retryable for o in overloaded)
+    assert sum(isinstance(o, GenerationResult) for o in outcomes.values()) >= 1
+
+
+def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
+    engine = make_engine("llama", max_batch_size=1)
+    real_run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky_run(seqs, prefill):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second decode step of the first request
+            raise RuntimeError("boom")
+        return real_run(seqs, prefill)
+
+    engine.runner.run = flaky_run
+    ids = prompt_ids(9, 5)
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="victim", prompt="hello", params=greedy(10, ignore_eos=True)),
+        GenerationRequest(id="waiting", prompt_token_ids=ids, params=greedy(10)),
+    ])
+    err = failure(outcomes["victim"], ErrorType.INTERNAL).error
+    assert err.retryable and "boom" in err.message
+    assert list(result(outcomes["waiting"]).token_ids) == hf_greedy(hf_models("llama"), ids, 10)
+    stats = engine.stats()
+    assert stats["step_failures"] == 1 and stats["kv_blocks_used"] == 0
+    # the engine keeps serving
+    assert isinstance(run_requests(engine, [GenerationRequest(id="after", prompt="x", params=greedy(3))])["after"],
+                      GenerationResult)
+
+
+def test_shutdown_finishes_running_and_fails_waiting(make_engine):
+    engine = make_engine("llama", max_batch_size=1)
+    outcomes = {}
+    lock = threading.Lock()
+    started = threading.Event()
+
+    def finish(outcome):
+        with lock:
+            outcomes[outcome.request_id] = outcome
+
+    engine.submit(GenerationRequest(id="running", prompt="a", params=greedy(40, ignore_eos=True)),
+                  lambda e: started.set(), finish)
+    for i in range(3):
+        engine.submit(GenerationRequest(id=f"waiting{i}", prompt="b", params=greedy(5)), None, finish)
+    assert started.wait(30)
+    engine.shutdown(timeout=30)
+    assert result(outcomes["running"]).generated_tokens == 40
+    for i in range(3):
+        assert failure(outcomes[f"waiting{i}"], ErrorType.OVERLOADED).error.retryable
+    engine.submit(GenerationRequest(id="after", prompt="c"), None, finish)
+    assert failure(outcomes["after"], ErrorType.OVERLOADED).error.retryable
+
+
+def test_stats_keys(make_engine):
+    engine = make_engine("llama")
+    run_requests(engine, [GenerationRequest(id="s", prompt="abc", params=greedy(4, ignore_eos=True))])
+    stats = engine.stats()
+    assert stats["steps"] == 4 and stats["generated_tokens"] == 4 and stats["prefill_tokens"] == 3
+    for key in ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total", "adapters",
+                "preemptions", "active_adapters"):
+        assert key in stats
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+# ---- many adapters in one batch, exact against PEFT -------------------------------------------
+
+ADAPTERS = {  # name -> make_adapter kwargs: ranks 1..32, alpha, rslora, patterns, attention-only and all-linear
+    "qv_r8": dict(r=8, alpha=16, targets=("q_proj", "v_proj")),
+    "all_r4": dict(r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "attn_r16_rslora": dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora=True),
+    "mlp_r2": dict(r=2, alpha=4, targets=("gate_proj", "up_proj", "down_proj")),
+    "patterns": dict(r=8, alpha=8, targets=("q_proj", "v_proj", "o_proj"), rank_pattern={"q_proj": 4},
+                     alpha_pattern={"v_proj": 32}),
+    "o_r1": dict(r=1, alpha=2, targets=("o_proj",)),
+    "all_r32_rslora": dict(r=32, alpha=16, use_rslora=True,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "kv_down_r12": dict(r=12, alpha=24, targets=("k_proj", "v_proj", "down_proj")),
+}
+
+
+@pytest.fixture(scope="module")
+def peft_setup(tiny_model_dirs, tmp_path_factory):
+    """arch -> (adapter root, PeftModel with every adapter loaded, on its own copy of the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"adapters_{arch}")
+            for seed, (name, kw) in enumerate(ADAPTERS.items()):
+                make_adapter(tiny_model_dirs[arch], root / name, seed=seed + 10, scale=0.15, **kw)
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
+            names = list(ADAPTERS)
+            peft = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+            for name in names[1:]:
+                peft.load_adapter(root / name, adapter_name=name)
+            cache[arch] = (root, peft.eval())
+        return cache[arch]
+
+    return get
+
+
+def _peft_logits(peft, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                return peft(torch.tensor([ids])).logits[0, -1]
+        peft.set_adapter(adapter)
+        return peft(torch.tensor([ids])).logits[0, -1]
+
+
+def _peft_greedy(peft, adapter: str | None, ids: list[int], new: int) -> list[int]:
+    kw = dict(attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=new, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                out = peft.generate(input_ids=torch.tensor([ids]), **kw)
+        else:
+            peft.set_adapter(adapter)
+            out = peft.generate(input_ids=torch.tensor([ids]), **kw)
+    return out[0, len(ids):].tolist()
+
+
+def _rows() -> list[tuple[str | None, int]]:
+    """(adapter or None, prompt length) per row: every adapter, some twice, base rows between."""
+    names = list(ADAPTERS)
+    rows = [(name, 4 + 3 * i) for i, name in enumerate(names)]
+    rows += [(None, 11), (names[2], 9), (None, 5), (names[6], 18)]
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_adapters_logits_match_peft(arch, loaded_models, peft_setup):
+    """All adapters and base rows in one packed batch through the runner and the LoRA op: each
+    row's logits within 1e-3 of PEFT running that adapter alone, on prefill and decode steps."""
+    from engine.adapter import load_peft_adapter
+    from engine.lora_op import build_lora_op
+    from engine.lora_slots import LoraSlots
+
+    root, peft = peft_setup(arch)
+    model = loaded_models(arch)
+    slots = LoraSlots(model.spec, len(ADAPTERS), 64, model.device, model.dtype)
+    slot_of = {}
+    for slot, name in enumerate(ADAPTERS):
+        slots.load(slot, load_peft_adapter(root / name, model.spec, model.dtype, 64, False))
+        slot_of[name] = slot
+    cfg = model.hf_model.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                    4, 1 << 20, model.device, model.dtype)
+    blocks = BlockManager(cache.num_blocks, 4)
+    runner = ModelRunner(model, cache, build_lora_op("torch", slots))
+    seqs, adapters = [], []
+    for i, (adapter, n) in enumerate(_rows()):
+        ids = prompt_ids(n, seed=300 + i)
+        seq = Sequence(GenerationRequest(id=str(i), prompt_token_ids=ids), list(ids), n)
+        seq.adapter_slot = slot_of[adapter] if adapter else -1
+        blocks.allocate(seq)
+        seqs.append(seq)
+        adapters.append(adapter)
+    logits = runner.run(seqs, prefill=True)
+    for step in range(4):
+        for seq, adapter, row in zip(seqs, adapters, logits):
+            torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
+        for seq, row in zip(seqs, logits):
+            seq.token_ids.append(int(row.argmax()))
+            blocks.append(seq)
+        logits = runner.run(seqs, prefill=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_adapters_greedy_match_peft(arch, make_engine, peft_setup):
+    """Through the whole engine (adapter store, slots, scheduler): 8 adapters + base rows submitted
+    together; every row's greedy tokens equal PEFT generating with that adapter alone."""
+    root, peft = peft_setup(arch)
+    engine = make_engine(arch, adapter_root=str(root), adapter_device_slots=8, max_lora_rank=32)
+    requests, expected = [], {}
+    for i, (adapter, n) in enumerate(_rows()):
+        ids = prompt_ids(n, seed=400 + i)
+        rid = f"{adapter or 'base'}-{i}"
+        requests.append(GenerationRequest(id=rid, prompt_token_ids=ids, params=greedy(10),
+                                          adapter=AdapterRef(adapter) if adapter else None))
+        expected[rid] = _peft_greedy(peft, adapter, ids, 10)
+    outcomes = run_requests(engine, requests, timeout=120)
+    for rid, tokens in expected.items():
+        r = result(outcomes[rid])
+        assert list(r.token_ids) == tokens, rid
+        assert r.adapter_id == (None if rid.startswith("base") else rid.rsplit("-", 1)[0])
+    stats = engine.stats()
+    assert stats["adapters"]["device"]["pinned"] == 0 and stats["kv_blocks_used"] == 0
+
+
+def test_bad_adapter_fails_its_own_requests_only(make_engine, peft_setup):
+    root, _ = peft_setup("llama")
+    engine = make_engine("llama", adapter_root=str(root))
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="missing", prompt="a", adapter=AdapterRef("no/such/adapter")),
+        GenerationRequest(id="escape", prompt="a", adapter=AdapterRef("../etc")),
+        GenerationRequest(id="good", prompt="a", params=greedy(4), adapter=AdapterRef("qv_r8")),
+        GenerationRequest(id="base", prompt="a", params=greedy(4)),
+    ])
+    failure(outcomes["missing"], ErrorType.ADAPTER_NOT_FOUND)
+    assert isinstance(outcomes["escape"], GenerationFailure)
+    assert result(outcomes["good"]).adapter_id == "qv_r8"
+    result(outcomes["base"])

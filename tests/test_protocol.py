@@ -1,0 +1,208 @@
+"""Wire protocol v1: decoding and validation of hostile jobs, reply builders. No broker, no torch."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import msgpack
+import pytest
+
+from consumer import protocol
+from consumer.protocol import (JSON, MSGPACK, Limits, ProtocolError, Topology, decode_job,
+                               decode_reply, encode, encode_job)
+
+LIMITS = Limits()
+
+
+def job(body, content_type=MSGPACK, *, headers=None, message_id="m1", correlation_id="c1",
+        reply_to="replies", expiration=None, limits=LIMITS, **kw):
+    raw = body if isinstance(body, bytes) else encode(body, content_type)
+    return decode_job(raw, content_type, headers, message_id, correlation_id, reply_to, expiration,
+                      limits, **kw)
+
+
+def error_of(*args, **kw) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        job(*args, **kw)
+    return e.value
+
+
+@pytest.mark.parametrize("ct", [MSGPACK, JSON, "application/json; charset=utf-8"])
+def test_roundtrip_both_content_types(ct):
+    raw = encode_job(inputs="hello", parameters={"adapter_id": "acme/bot", "max_new_tokens": 7,
+                                                 "stop": ["\n\n"], "temperature": 0.7,
+                                                 "do_sample": True, "seed": 3, "details": True},
+                     stream=True, content_type=ct.split(";")[0])
+    j = decode_job(raw, ct, None, "m1", "c1", "q", None, LIMITS)
+    assert j.id == "m1" and j.correlation_id == "c1" and j.reply_to == "q"
+    assert j.content_type == ct.split(";")[0]
+    assert j.inputs == "hello" and j.messages is None and j.stream
+    p = j.parameters
+    assert (p.adapter_id, p.max_new_tokens, p.stop, p.temperature, p.do_sample, p.seed, p.details) \
+        == ("acme/bot", 7, ("\n\n",), 0.7, True, 3, True)
+
+
+def test_lorax_payload_without_v_and_with_unknown_fields():
+    body = {"inputs": "hi", "parameters": {"adapter_id": "a", "best_of": 1, "watermark": False,
+                                           "decoder_input_details": True},
+            "some_future_field": {"x": 1}}
+    j = job(body, JSON)
+    assert j.inputs == "hi" and j.adapter_id == "a"
+
+
+def test_defaults_and_empty_adapter_means_base():
+    j = job({"v": 1, "inputs": "x", "parameters": {"adapter_id": "", "top_k": None}})
+    p = j.parameters
+    assert p.adapter_id is None and p.max_new_tokens == 64 and p.temperature == 1.0
+    assert not p.do_sample and p.top_k is None and p.stop == () and not j.stream
+
+
+def test_messages():
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    j = job({"messages": msgs})
+    assert j.inputs is None and list(j.messages) == msgs
+
+
+def test_job_id_fallbacks():
+    body = encode({"inputs": "x"}, MSGPACK)
+    assert decode_job(body, MSGPACK, None, None, "corr", None, None, LIMITS).id == "corr"
+    a = decode_job(body, MSGPACK, None, None, None, "q", None, LIMITS).id
+    b = decode_job(body, MSGPACK, None, None, None, "q", None, LIMITS).id
+    assert a == b and a.startswith("sha256:")  # stable across redeliveries
+
+
+BAD = [
+    ("undecodable msgpack", b"\xc1\xc1\xc1", MSGPACK),
+    ("truncated msgpack", msgpack.packb({"inputs": "hello"})[:-2], MSGPACK),
+    ("invalid json", b"{not json", JSON),
+    ("invalid utf-8", b'{"inputs": "\xff"}', JSON),
+    ("lone surrogate", b'{"inputs": "\\ud800"}', JSON),
+    ("not a map", [1, 2], MSGPACK),
+    ("no content type", {"inputs": "x"}, None),
+    ("unknown content type", b"inputs=x", "text/plain"),
+    ("neither inputs nor messages", {"parameters": {}}, MSGPACK),
+    ("both", {"inputs": "x", "messages": [{"role": "user", "content": "y"}]}, MSGPACK),
+    ("inputs not a string", {"inputs": 5}, MSGPACK),
+    ("empty inputs", {"inputs": ""}, MSGPACK),
+    ("version 2", {"v": 2, "inputs": "x"}, MSGPACK),
+    ("version string", {"v": "1", "inputs": "x"}, MSGPACK),
+    ("parameters not a map", {"inputs": "x", "parameters": [1]}, MSGPACK),
+    ("max_new_tokens string", {"inputs": "x", "parameters": {"max_new_tokens": "5"}}, JSON),
+    ("max_new_tokens bool", {"inputs": "x", "parameters": {"max_new_tokens": True}}, JSON),
+    ("max_new_tokens float", {"inputs": "x", "parameters": {"max_new_tokens": 5.5}}, JSON),
+    ("max_new_tokens zero", {"inputs": "x", "parameters": {"max_new_tokens": 0}}, MSGPACK),
+    ("max_new_tokens over limit", {"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, MSGPACK),
+    ("temperature zero", {"inputs": "x", "parameters": {"temperature": 0}}, MSGPACK),
+    ("temperature nan", {"inputs": "x", "parameters": {"temperature": float("nan")}}, MSGPACK),
+    ("temperature string", {"inputs": "x", "parameters": {"temperature": "hot"}}, MSGPACK),
+    ("top_p > 1", {"inputs": "x", "parameters": {"top_p": 1.5}}, MSGPACK),
+    ("top_k 0", {"inputs": "x", "parameters": {"top_k": 0}}, MSGPACK),
+    ("do_sample int", {"inputs": "x", "parameters": {"do_sample": 1}}, MSGPACK),
+    ("seed negative", {"inputs": "x", "parameters": {"seed": -1}}, MSGPACK),
+    ("stop a string", {"inputs": "x", "parameters": {"stop": "\n"}}, MSGPACK),
+    ("stop with empty", {"inputs": "x", "parameters": {"stop": [""]}}, MSGPACK),
+    ("stop with number", {"inputs": "x", "parameters": {"stop": [3]}}, MSGPACK),
+    ("too many stops", {"inputs": "x", "parameters": {"stop": ["a"] * 9}}, MSGPACK),
+    ("stop too long", {"inputs": "x", "parameters": {"stop": ["a" * 257]}}, MSGPACK),
+    ("adapter_id number", {"inputs": "x", "parameters": {"adapter_id": 7}}, MSGPACK),
+    ("adapter_id control char", {"inputs": "x", "parameters": {"adapter_id": "a\nb"}}, MSGPACK),
+    ("adapter_source", {"inputs": "x", "parameters": {"adapter_source": "s3"}}, MSGPACK),
+    ("stream string", {"inputs": "x", "stream": "yes"}, MSGPACK),
+    ("messages empty", {"messages": []}, MSGPACK),
+    ("messages not list", {"messages": "hi"}, MSGPACK),
+    ("message not map", {"messages": ["hi"]}, MSGPACK),
+    ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, MSGPACK),
+    ("content not string", {"messages": [{"role": "user", "content": ["hi"]}]}, MSGPACK),
+    ("full text with messages", {"messages": [{"role": "user", "content": "hi"}],
+                                 "parameters": {"return_full_text": True}}, MSGPACK),
+]
+
+
+@pytest.mark.parametrize("name,body,ct", BAD, ids=[b[0] for b in BAD])
+def test_bad_jobs_are_validation_errors(name, body, ct):
+    e = error_of(body, ct)
+    assert e.error_type == protocol.VALIDATION and e.message and not e.retryable
+
+
+def test_size_limits():
+    small = Limits(max_body_bytes=100, max_prompt_chars=10)
+    assert error_of({"inputs": "x" * 200}, limits=small).error_type == protocol.VALIDATION
+    assert error_of({"inputs": "x" * 11}, limits=small).error_type == protocol.PROMPT_TOO_LONG
+    msgs = [{"role": "user", "content": "123456"}] * 2
+    assert error_of({"messages": msgs}, limits=small).error_type == protocol.PROMPT_TOO_LONG
+    assert error_of({"inputs": "x"}, message_id="m" * 300).error_type == protocol.VALIDATION
+
+
+def test_deadlines():
+    now_ms = time.time() * 1000
+    j = job({"inputs": "x"}, headers={"x-deadline-ms": int(now_ms) + 5000})
+    assert not j.expired() and j.expired(now_ms + 6000)
+    assert job({"inputs": "x"}, headers={"x-deadline-ms": 1}).expired()
+    # expiration counts from receipt, tightened by the (whole-second) publish timestamp
+    j = job({"inputs": "x"}, expiration="2000", received_ms=now_ms)
+    assert j.deadline_ms == int(now_ms + 2000)
+    old = datetime.fromtimestamp(now_ms / 1000 - 10, tz=timezone.utc)
+    assert job({"inputs": "x"}, expiration=2000, timestamp=old, received_ms=now_ms).expired()
+    # both: the earlier wins
+    j = job({"inputs": "x"}, headers={"x-deadline-ms": int(now_ms) + 100}, expiration="5000",
+            received_ms=now_ms)
+    assert j.deadline_ms == int(now_ms) + 100
+    assert error_of({"inputs": "x"}, headers={"x-deadline-ms": "soon"}).error_type == "validation"
+    assert error_of({"inputs": "x"}, expiration="later").error_type == "validation"
+
+
+def test_api_token_not_in_repr():
+    j = job({"inputs": "x", "parameters": {"adapter_id": "a", "api_token": "hf_secret"}})
+    assert j.parameters.api_token == "hf_secret"
+    assert "hf_secret" not in repr(j)
+
+
+def test_encode_job_validates_locally():
+    with pytest.raises(ProtocolError):
+        encode_job(inputs="x", messages=[{"role": "user", "content": "y"}])
+    with pytest.raises(ProtocolError):
+        encode_job(inputs="x", parameters={"max_new_tokens": "many"})
+    body = msgpack.unpackb(encode_job(inputs="x", parameters={"top_k": None, "seed": 1}))
+    assert body == {"v": 1, "inputs": "x", "parameters": {"seed": 1}}
+
+
+def test_reply_bodies_and_decode_reply():
+    r = protocol.result_body("j", "out", finish_reason="length", prompt_tokens=3,
+                             generated_tokens=2, seed=None, adapter_id="a",
+                             timings={"queue_ms": 1.23456, "adapter_load_ms": 0, "ttft_ms": 2,
+                                      "total_ms": 3})
+    assert r["details"] == {"finish_reason": "length", "prompt_tokens": 3, "generated_tokens": 2,
+                            "seed": None}
+    assert r["timings"]["queue_ms"] == 1.235 and r["v"] == 1 and r["adapter_id"] == "a"
+    for ct in (MSGPACK, JSON):
+        assert decode_reply(encode(r, ct), ct, protocol.REPLY_RESULT) == r
+    t = protocol.token_body("j", 0, 5, "a", None)
+    assert t == {"v": 1, "id": "j", "index": 0, "token": {"id": 5, "text": "a", "logprob": None}}
+    e = protocol.error_body(None, "nonsense", "boom")
+    assert e["error_type"] == "internal" and e["id"] is None and e["retryable"] is False
+    with pytest.raises(ProtocolError):
+        decode_reply(encode({"id": "j"}, JSON), JSON, protocol.REPLY_RESULT)
+    with pytest.raises(ProtocolError):
+        decode_reply(encode(r, JSON), JSON, "weird")
+    assert json.loads(encode(t, JSON)) == t
+
+
+def test_topology():
+    t = Topology()
+    assert (t.exchange, t.queue, t.routing_key, t.dlx, t.dead_queue, t.results_exchange,
+            t.delivery_limit) == ("loraq", "loraq.generate", "generate", "loraq.dlx", "loraq.dead",
+                                  "loraq.results", 5)
+    assert t.result_routing_key(None) == "result.base"
+    assert t.result_routing_key("acme/bot") == "result.acme/bot"
+    p = Topology.prefixed("t1", delivery_limit=2)
+    assert p.queue == "t1.loraq.generate" and p.routing_key == "generate" and p.delivery_limit == 2
+
+
+def test_protocol_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, consumer.protocol; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
