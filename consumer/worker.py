@@ -84,6 +84,7 @@ log = structlog.get_logger(__name__)
 DEAD_CHANNEL = (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError,
                 ConnectionError, asyncio.TimeoutError)
 PUBLISH_TIMEOUT_S = 30.0
+AFFINITY_EXCHANGE_TYPE = "x-consistent-hash"  # from the plugin rabbitmq_consistent_hash_exchange
 AFFINITY_WEIGHT = "1"  # consistent-hash binding key: buckets per worker (all workers alike)
 AFFINITY_QUEUE_EXPIRES_MS = 10_000  # a dead worker's (always empty) queue leaves the ring after this
 
@@ -194,13 +195,14 @@ class Worker:
         self.metrics.watch_engine(engine.stats)
         self.cache = ResultCache(settings.result_cache_size)
         self.metrics_port: int | None = None  # the bound port once started
+        # names this worker's own queue (--affinity): unique per process and start
+        self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._inflight: dict[str, InflightJob] = {}
         self._collector: Collector[InflightJob] = Collector(
             settings.batch_window_ms / 1000.0, settings.max_batch, self._submit_group)
         self._batch_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._connection: AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
@@ -319,7 +321,7 @@ class Worker:
         await self._queue.bind(fallback, routing_key="")
         try:
             ring = await ch.declare_exchange(
-                t.affinity_exchange, "x-consistent-hash", durable=True,
+                t.affinity_exchange, AFFINITY_EXCHANGE_TYPE, durable=True,
                 arguments={"hash-header": protocol.HEADER_ADAPTER_ID,
                            "alternate-exchange": t.affinity_fallback})
         except aiormq.exceptions.ConnectionCommandInvalid as e:  # unknown exchange type
@@ -328,12 +330,11 @@ class Worker:
                 "(rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)") from e
         await ring.bind(jobs, routing_key=t.routing_key)
         await self._queue.unbind(jobs, routing_key=t.routing_key)
-        self._own_queue = await ch.declare_queue(t.worker_queue(self.worker_id), durable=True,
-                                                 arguments={
-            "x-message-ttl": 0,
-            "x-dead-letter-exchange": t.affinity_fallback,
-            "x-expires": AFFINITY_QUEUE_EXPIRES_MS,
-        })
+        self._own_queue = await ch.declare_queue(
+            t.worker_queue(self.worker_id), durable=True,
+            arguments={"x-message-ttl": 0,  # taken at once, else dead-lettered to the shared queue
+                       "x-dead-letter-exchange": t.affinity_fallback,
+                       "x-expires": AFFINITY_QUEUE_EXPIRES_MS})
         await self._own_queue.bind(ring, routing_key=AFFINITY_WEIGHT)
 
     def _on_reconnect(self, *_: Any) -> None:

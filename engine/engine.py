@@ -156,7 +156,7 @@ class Engine:
                 idle = not self.scheduler.running and not self.scheduler.num_waiting
                 self._wake.wait(IDLE_WAIT_S if idle else BLOCKED_WAIT_S)
                 self._wake.clear()
-        for seq in list(self.scheduler.running):
+        for seq in [*self.scheduler.running, *self.scheduler.waiting()]:  # waiting: preempted late
             self._release(seq)
             self._fail(seq, _shut_down())
         with self._lock:
@@ -183,7 +183,7 @@ class Engine:
     def _begin_shutdown(self) -> None:
         self._stopping = True
         for seq in self.scheduler.waiting():
-            self.scheduler.remove_waiting(seq)
+            self._release(seq)
             self._fail(seq, _shut_down())
 
     def _accept(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:

@@ -183,17 +183,29 @@ class Scheduler:
                 del self.active[key]
                 if key in self.queues:
                     self.rotation.append(key)
-        ready = [key for key in list(self.rotation) if key in self.queues and self._poll(key, failed)]
+        ready = self._ready_in_rotation(failed)
         if ready and len(self.active) >= self.max_active:
             for key, state in self.active.items():
                 if not state.draining and self.steps - state.since_step >= self.time_slice_steps:
                     state.draining = True
-                    log.info("adapter_time_slice_over", adapter=key, waiting_adapters=len(ready))
+                    log.info("adapter_time_slice_over", adapter=key, steps=self.steps - state.since_step)
         for key in ready:
             if len(self.active) >= self.max_active:
                 break
             self.rotation.remove(key)
             self.active[key] = _Active(since_step=self.steps)
+
+    def _ready_in_rotation(self, failed: list[tuple[Sequence, EngineError]]) -> list[str]:
+        """Ready adapters from the front of the rotation, skipping ones still loading. Only the
+        front is polled (polling asks the store to load now, ahead of plain prefetches)."""
+        wanted = max(self.max_active - len(self.active), 1)
+        ready: list[str] = []
+        for key in list(self.rotation)[:2 * self.max_active]:
+            if self._poll(key, failed):
+                ready.append(key)
+                if len(ready) >= wanted:
+                    break
+        return ready
 
     def _admit_waiting(self, failed: list[tuple[Sequence, EngineError]]) -> list[Sequence]:
         """Fill free rows from eligible queues, fewest running rows first, then oldest head."""

@@ -72,3 +72,22 @@ def test_demo_fails_cleanly_when_the_worker_cannot_start(tmp_path: Path, monkeyp
     monkeypatch.setattr(demo, "WORKER_COMMAND", (sys.executable, "-c", "raise SystemExit(3)"))
     assert demo.main(["--adapter-root", str(tmp_path), "--start-timeout", "30"]) == 1
     assert "exited with code 3" in capsys.readouterr().err
+
+
+def test_bench_report_compares_the_paths() -> None:
+    import argparse
+
+    from consumer.bench_e2e import Run, report
+
+    def run(path: str, load: str, outside_ms: float) -> Run:
+        return Run(path, load, 2.0, [100.0, 200.0], [1.0, 1.0], [outside_ms] * 2, [4, 4],
+                   ["a", "b" if path == "engine" else "c"])
+
+    runs = {(p, load): run(p, load, 0.0 if p == "engine" else 3.0)
+            for p in ("engine", "rabbitmq") for load in ("burst", "serial")}
+    args = argparse.Namespace(jobs=2, adapters=1, rank=4, targets="q_proj", prompt_tokens=70,
+                              new_tokens=4, json_out=None)
+    table, numbers = report(args, WorkerSettings(), "cpu", runs)
+    assert numbers["summary"]["serial_p50_overhead_ms"] == 3.0
+    assert numbers["summary"]["identical_texts_burst"] == "1/2"
+    assert "[target < 5 ms: met]" in table and "[target >= 0.95: met]" in table

@@ -6,8 +6,11 @@ overload, a failing step, shutdown)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,20 +70,41 @@ def failure(outcome, error_type: ErrorType) -> GenerationFailure:
     return outcome
 
 
+# ---- loading ---------------------------------------------------------------------------------
+
+def test_import_engine_does_not_import_torch():
+    code = ("import sys, engine, engine.request, engine.config; from engine import GenerationRequest, EngineConfig; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_loaded_model_spec(loaded_models):
+    model = loaded_models("qwen2")
+    assert model.spec.arch == "qwen2" and model.spec.num_layers == 2 and model.spec.hidden_size == 64
+    assert model.spec.module_shapes == {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32),
+                                        "o_proj": (64, 64), "gate_proj": (64, 128), "up_proj": (64, 128),
+                                        "down_proj": (128, 64)}
+    assert model.device.type == "cpu" and model.dtype is torch.float32
+    assert model.eos_token_ids == frozenset({2}) and model.max_model_len == 512
+    assert not model.hf_model.training
+
+
+def test_other_architectures_refused(tmp_path):
+    from transformers import GPT2Config
+
+    from engine.model_loader import load_model
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        load_model(EngineConfig(model=str(tmp_path)))
+
+
 # ---- exactness against transformers -----------------------------------------------------------
 
 @pytest.mark.parametrize("arch", [*ARCHS, "mistral_sliding"])
-def test_logits_match_hf_forward(arch, tiny_model_dirs, loaded_models, hf_models):
+def test_logits_match_hf_forward(arch, loaded_models, hf_models):
     """Prefill of several sequences in one packed step, then decode steps over the paged cache
     (block size 4, so contexts span blocks): every row's logits within 1e-3 of HF's forward."""
-    if arch == "mistral_sliding":
-        from engine.config import EngineConfig
-        from engine.model_loader import load_model
-        model = load_model(EngineConfig(model=str(tiny_model_dirs[arch])))
-        from transformers import AutoModelForCausalLM
-        ref = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
-    else:
-        model, ref = loaded_models(arch), hf_models(arch)
+    model, ref = loaded_models(arch), hf_models(arch)
     cfg = model.hf_model.config
     cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
                     4, 1 << 20, model.device, model.dtype)
@@ -514,3 +538,88 @@ def test_bad_adapter_fails_its_own_requests_only(make_engine, peft_setup):
     assert isinstance(outcomes["escape"], GenerationFailure)
     assert result(outcomes["good"]).adapter_id == "qv_r8"
     result(outcomes["base"])
+
+
+# ---- the embedded SmolLM2 model ----------------------------------------------------------------
+
+SMOL_ADAPTERS = {
+    "qv_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "attn_r16_rslora": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "mlp_r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all_r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"]),
+}
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_mixed_adapters_match_peft(tmp_path):
+    """SmolLM2-135M (the embedded GGUF) with 4 adapters and base rows in one batch: greedy tokens
+    identical to PEFT with each adapter alone, and prefill logits within 1e-3."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from engine.adapter import load_peft_adapter
+    from engine.lora_op import build_lora_op
+    from engine.lora_slots import LoraSlots
+    from engine.model_loader import load_model
+
+    model = load_model(EngineConfig())
+    peft = None
+    gen = torch.Generator().manual_seed(0)
+    for name, kw in SMOL_ADAPTERS.items():
+        cfg = LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **kw)
+        if peft is None:
+            peft = get_peft_model(copy.deepcopy(model.hf_model), cfg, adapter_name=name)
+        else:
+            peft.add_adapter(name, cfg)
+        with torch.no_grad():
+            for pname, p in peft.named_parameters():
+                if f"lora_A.{name}." in pname or f"lora_B.{name}." in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        peft.save_pretrained(tmp_path, selected_adapters=[name])
+    peft.eval()
+    tok = model.tokenizer
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "Explain gravity to a child in two sentences.", "List three colors.", "Say hello."]
+    rows = [*SMOL_ADAPTERS, None]
+    prompts = {}
+    for i, adapter in enumerate(rows):
+        text = tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
+                                       tokenize=False, add_generation_prompt=True)
+        prompts[f"{adapter or 'base'}"] = (adapter, tok(text, add_special_tokens=False)["input_ids"])
+
+    # logits: one packed prefill through the runner and the LoRA op
+    slots = LoraSlots(model.spec, len(SMOL_ADAPTERS), 16, model.device, model.dtype)
+    for slot, name in enumerate(SMOL_ADAPTERS):
+        slots.load(slot, load_peft_adapter(tmp_path / name, model.spec, model.dtype, 16, False))
+    cfg = model.hf_model.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, 64, 16, 64 << 20, model.device, model.dtype)
+    blocks = BlockManager(cache.num_blocks, 16)
+    runner = ModelRunner(model, cache, build_lora_op("torch", slots))
+    seqs = []
+    for key, (adapter, ids) in prompts.items():
+        seq = Sequence(GenerationRequest(id=key, prompt_token_ids=ids), list(ids), len(ids))
+        seq.adapter_slot = list(SMOL_ADAPTERS).index(adapter) if adapter else -1
+        blocks.allocate(seq)
+        seqs.append(seq)
+    logits = runner.run(seqs, prefill=True)
+    for seq, row in zip(seqs, logits):
+        adapter = prompts[seq.request_id][0]
+        torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
+
+    # greedy: the whole engine, all rows submitted together
+    engine = Engine(EngineConfig(adapter_root=str(tmp_path), max_lora_rank=16, adapter_device_slots=4), model=model)
+    try:
+        outcomes = run_requests(engine, [
+            GenerationRequest(id=key, prompt_token_ids=ids, params=greedy(12),
+                              adapter=AdapterRef(adapter) if adapter else None)
+            for key, (adapter, ids) in prompts.items()], timeout=300)
+    finally:
+        engine.shutdown(30)
+    texts = {}
+    for key, (adapter, ids) in prompts.items():
+        r = result(outcomes[key])
+        assert list(r.token_ids) == _peft_greedy(peft, adapter, ids, 12), key
+        texts[key] = r.text
+    assert len(set(texts.values())) > 1  # the adapters change the output

@@ -244,10 +244,12 @@ def bench(dtype=torch.float32, batch_size=32, rank=16, reps=15) -> None:
         t0 = time.perf_counter()
         step(op.prepare(*layout))
         lora.append(time.perf_counter() - t0)
-    b, lo = statistics.median(base) * 1e3, statistics.median(lora) * 1e3
-    print(f"{dtype} batch {batch_size}, {batch_size} distinct rank-{rank} q/k/v/o adapters: "
-          f"projections base {b:.1f} ms, +lora {lo:.1f} ms (+{lo - b:.1f} ms, {100 * (lo - b) / b:.0f}%), "
-          f"min base {min(base) * 1e3:.1f} / +lora {min(lora) * 1e3:.1f}; first step incl. gather {first * 1e3:.1f} ms")
+    b, lo = min(base) * 1e3, min(lora) * 1e3  # min: the least disturbed run of each
+    paired = statistics.median(y - x for x, y in zip(base, lora)) * 1e3  # robust to a busy machine
+    print(f"{dtype}, batch {batch_size}, {batch_size} distinct rank-{rank} q/k/v/o adapters, "
+          f"{torch.get_num_threads()} threads: projections base {b:.1f} ms, +lora {lo:.1f} ms "
+          f"(+{100 * (lo - b) / b:.0f}%; median paired difference +{paired:.1f} ms); "
+          f"first step after a batch change (gather) {first * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

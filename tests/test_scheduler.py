@@ -256,3 +256,21 @@ def test_remove_waiting_and_finish():
     assert sched.waiting() == [b]
     sched.remove_waiting(b)
     assert sched.num_waiting == 0 and not sched.queues
+
+
+def test_only_the_front_of_the_rotation_is_polled():
+    """Polling asks the store to load now; adapters far back in the rotation are left to prefetch."""
+    gate = FakeGate(num_slots=2, states={f"a{i}": "loading" for i in range(10)})
+    polled = []
+    poll = gate.poll
+    gate.poll = lambda ref: polled.append(ref.id) or poll(ref)
+    sched = make_scheduler(gate, adapter_device_slots=2)
+    for i in range(10):
+        sched.add(make_seq(f"a{i}"))
+    assert step(sched)[0] == []
+    assert set(polled) == {"a0", "a1", "a2", "a3"}
+    gate.states["a7"] = "ready"  # a ready adapter behind loading ones is not seen until it nears the front
+    assert step(sched)[0] == []
+    gate.states.update({"a0": "ready", "a2": "ready"})
+    batch, _, _ = step(sched)
+    assert {s.adapter_key for s in batch} == {"local:a0", "local:a2"}

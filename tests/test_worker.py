@@ -370,6 +370,18 @@ async def test_affinity_jobs_reach_the_shared_queue_without_a_live_worker(app, t
         await channel.close()
 
 
+async def test_affinity_without_the_broker_plugin_fails_clearly(topology, monkeypatch):
+    import consumer.worker
+
+    monkeypatch.setattr(consumer.worker, "AFFINITY_EXCHANGE_TYPE", "x-loraq-no-such-type")
+    engine = FakeEngine()
+    worker = Worker(worker_settings(topology, affinity=True), engine)
+    with pytest.raises(consumer.worker.AffinityUnavailable, match="rabbitmq-plugins enable"):
+        await worker.start()
+    assert worker._connection.is_closed  # no robust reconnect loop left behind
+    engine.shutdown(2)
+
+
 def test_settings_flags_and_env_twins():
     env = {"LORAQ_AMQP_URL": "amqp://u:secret@h:5672/", "LORAQ_MAX_BATCH": "4",
            "LORAQ_PREFETCH": "8", "LORAQ_HUB_ENABLED": "true", "LORAQ_HUB_ALLOW_ORGS": "a, b",
