@@ -4,8 +4,9 @@
     loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
     loraq bench engine|e2e|adapters ...
     loraq health                                                  # exit 0 when the worker is healthy
+    loraq demo                                                    # worker + demo adapters + jobs
 
-`worker`, `health` and `bench` hand their arguments to the module that owns them, imported only
+`worker`, `health`, `demo` and `bench` hand their arguments to the module that owns them, imported only
 then: `generate` never loads the worker or torch.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining argv
     "worker": "consumer.worker:main",
     "health": "consumer.worker:health_main",
+    "demo": "consumer.demo:main",
     "bench engine": "engine.bench:main",
     "bench e2e": "consumer.bench_e2e:main",
     "bench adapters": "engine.bench_adapters:main",
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, text in BENCH_HELP.items():
         kinds.add_parser(kind, add_help=False, help=text)
 
+    sub.add_parser("demo", add_help=False,
+                   help="run a worker on the embedded model and the demo adapters, print results")
     sub.add_parser("health", add_help=False,
                    help="exit 0 if the local worker's /healthz answers (loraq health --help)")
     return parser
@@ -163,7 +167,7 @@ def _delegate(target: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Delegated commands skip our parser: every flag after them belongs to their own.
-    if argv[:1] in (["worker"], ["health"]):
+    if argv[:1] in (["worker"], ["health"], ["demo"]):
         return _delegate(DELEGATES[argv[0]], argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATES:
         return _delegate(DELEGATES[f"bench {argv[1]}"], argv[2:])

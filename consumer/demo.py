@@ -1,9 +1,10 @@
 """`loraq demo` / `python -m consumer.demo`: the whole path on one machine, in one command.
 
-Starts a worker subprocess (embedded SmolLM2 + the demo adapters under adapters/demo), waits until
-its /healthz answers, publishes the same prompts to the base model and to every demo adapter at
-once through `consumer.client.Client` (so they share batches), prints each answer with its timings,
-streams one answer token by token, then stops the worker with SIGTERM.
+Starts a worker subprocess (embedded SmolLM2, adapter root ./adapters, so the demo adapters are
+demo/pirate, demo/caps and demo/emoji, the ids the README uses), waits until its /healthz answers,
+publishes the same prompts to the base model and to every adapter at once through
+`consumer.client.Client` (so they share batches), prints each answer with its timings, streams one
+answer token by token, then stops the worker with SIGTERM.
 
 The worker gets its own topology names (removed at the end) and a free metrics port, so the demo
 never mixes with a worker already serving the default queue.
@@ -40,6 +41,7 @@ PROMPTS = (
     "Describe the ocean in one sentence.",
 )
 STREAM_PROMPT = "Tell me about your favourite animal."
+STREAM_ADAPTER = "demo/pirate"
 BASE = "base"  # how the base model is labelled in the printout
 WORKER_COMMAND = (sys.executable, "-m", "consumer")  # tests swap in a worker on a fake engine
 
@@ -158,10 +160,10 @@ def find_adapters(root: Path) -> list[str]:
 
 
 def default_adapter_root() -> Path:
-    for candidate in (Path.cwd() / "adapters" / "demo", REPO_ROOT / "adapters" / "demo"):
-        if candidate.is_dir():
+    for candidate in (Path.cwd() / "adapters", REPO_ROOT / "adapters"):
+        if (candidate / "demo").is_dir():
             return candidate
-    return REPO_ROOT / "adapters" / "demo"
+    return REPO_ROOT / "adapters"
 
 
 @dataclass
@@ -289,7 +291,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         if summary:
             print(summary)
 
-        stream_adapter = "pirate" if "pirate" in adapters else (adapters[0] if adapters else None)
+        stream_adapter = STREAM_ADAPTER if STREAM_ADAPTER in adapters else next(iter(adapters), None)
         print(f"\nstreaming from {stream_adapter or BASE}: {STREAM_PROMPT}\n  ", end="", flush=True)
         start = time.perf_counter()
         first_token_ms = None
@@ -329,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded", help="base model (default: embedded SmolLM2-135M)")
     ap.add_argument("--adapter-root", default=str(default_adapter_root()),
-                    help="directory holding the demo adapters (default: ./adapters/demo)")
+                    help="the worker's adapter root; every PEFT adapter under it joins the demo "
+                         "(default: ./adapters)")
     ap.add_argument("--amqp-url", default=os.environ.get("LORAQ_AMQP_URL") or DEFAULT_AMQP_URL,
                     help="broker URL (env LORAQ_AMQP_URL)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

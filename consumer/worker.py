@@ -199,7 +199,8 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._inflight: dict[str, InflightJob] = {}
         self._collector: Collector[InflightJob] = Collector(
-            settings.batch_window_ms / 1000.0, settings.max_batch, self._submit_group)
+            settings.batch_window_ms / 1000.0, settings.max_batch, self._submit_group,
+            idle=lambda: len(self._inflight) <= 1)  # only the job being added: nothing in the engine
         self._batch_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None

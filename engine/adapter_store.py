@@ -3,12 +3,14 @@
 - device: `LoraSlots`, `adapter_device_slots` adapters in the layout the op reads. A slot is
   pinned while requests use it (`acquire` .. `release`) and never evicted then; otherwise LRU.
 - host: validated `AdapterWeights` in RAM (pinned memory on CUDA, so host -> device copies are
-  asynchronous), `adapter_host_bytes` budget, LRU. An entry loaded ahead of use and not yet
-  acquired is protected for PREFETCH_HOLD_S, and queued loads (FIFO: the order requests arrived)
-  wait while such entries plus loads in flight would overflow the budget, so a flood of
-  prefetches cannot evict what is about to run. Only a load `acquire` needs at once (its host
-  copy went away) skips that wait, so the budget can be exceeded by at most LOAD_WORKERS
-  adapters, and only while every entry is such a protected one.
+  asynchronous), `adapter_host_bytes` budget (a hard limit), LRU. An entry loaded ahead of use,
+  or asked for again by a new request while resident, and not acquired since is "wanted":
+  protected for PREFETCH_HOLD_S, and queued loads (FIFO: the order requests arrived) wait while
+  such entries plus loads in flight would overflow the budget, so a flood of prefetches cannot
+  evict what is about to run. Only a load `acquire` needs at once (its host copy went away)
+  skips that wait. When a load still does not fit (sizes are estimated until loaded), wanted
+  entries are evicted after all, the latest wanted first, and re-queued ahead of later arrivals
+  with their now known size, so they load again in their turn and nothing waits for the hold.
 - disk: hub snapshots in `adapter_disk_dir`, `adapter_disk_bytes` budget, LRU (local adapters are
   already on disk: the adapter root is their source).
 - source: `LocalSource` (adapter root) or `HubSource` (when `hub_enabled`).
@@ -17,12 +19,13 @@ Loads run in a small thread pool: one load per adapter however many requests wan
 load is remembered for `adapter_failure_ttl_s` and answered to every poll in that time.
 
 Staleness: `prefetch` (called for every submitted request) re-stats a local adapter's files
-(mtime, size, inode) at most every REVALIDATE_S per adapter; a change reloads it in the background
-under a new generation. From then on `acquire` hands out the new generation: if the old one is in
-a slot still pinned by running requests, new requests wait (acquire returns None) until those
-finish, then the slot is reloaded. So a request submitted more than REVALIDATE_S + one load time
-after the files changed runs on the new files, at worst after the old version's running requests
-(bounded by their max_new_tokens) drain. Replace adapter files atomically (write a new directory,
+(mtime, size, inode) at most every REVALIDATE_S per adapter. Until that check (queued ahead of
+loads) is done, `poll` says "loading", so the request that triggered it runs on what it found; a
+change reloads the adapter under a new generation. From then on `acquire` hands out the new
+generation: if the old one is in a slot still pinned by running requests, new requests wait
+(acquire returns None) until those finish, then the slot is reloaded. So a request submitted more
+than REVALIDATE_S after the files changed runs on the new files, at worst after the old version's
+running requests (bounded by their max_new_tokens) drain. Replace adapter files atomically (write a new directory,
 then rename) so a load never reads a half-written file. Hub adapters are re-resolved (`main`
 moves) whenever they are loaded from source, i.e. after leaving the host tier.
 
@@ -32,6 +35,7 @@ Threads: `acquire`, `release`, `poll` run on the engine thread (they alone touch
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -66,11 +70,11 @@ class _Adapter:
     generation: int
     stamp: Hashable | None  # source fingerprint taken before the files were read
     checked_at: float  # monotonic time the stamp was last compared
-    loaded_at: float
+    wanted_at: float  # monotonic time it was loaded, or prefetched again while resident
     load_ms: float
     nbytes: int
     weights: AdapterWeights | None  # None: not in the host tier (may still be in a slot)
-    used: bool = False  # acquired since it was loaded
+    used: bool = False  # acquired since it was loaded or last prefetched
 
 
 @dataclass(eq=False)
@@ -110,6 +114,8 @@ class AdapterStore:
         self._slot_meta = [_Slot() for _ in range(slots.num_slots)]
         self._slot_of: dict[str, int] = {}
         self._pending: OrderedDict[str, tuple[AdapterRef, bool, bool]] = OrderedDict()  # (ref, demanded, revalidate)
+        self._size_hint: dict[str, int] = {}  # pending keys whose host bytes are known (requeued)
+        self._revalidating: set[str] = set()  # resident, files being re-checked: poll waits
         self._inflight: dict[str, AdapterRef] = {}
         self._failures: dict[str, tuple[EngineError, float]] = {}
         self._generation = 0
@@ -158,7 +164,7 @@ class AdapterStore:
         load failed less than adapter_failure_ttl_s ago; otherwise "loading" (queued like a
         prefetch if it is not yet). Cheap: the scheduler may poll every waiting adapter each step."""
         with self._lock:
-            if self._ready(ref.key):
+            if self._ready(ref.key) and ref.key not in self._revalidating:
                 return "ready"
             if self._request(ref, demand=False) or (self._pending and not self._inflight):
                 self._start_loads()  # (the latter: held entries may have outlived PREFETCH_HOLD_S)
@@ -225,14 +231,17 @@ class AdapterStore:
         return slot
 
     def _free_slot(self) -> int | None:
-        """An empty slot, else the least recently used unpinned one (evicting its adapter)."""
+        """An empty slot, else the least recently used unpinned one (evicting its adapter),
+        preferring adapters no request waits for."""
         free = [i for i, s in enumerate(self._slot_meta) if s.key is None]
         if free:
             return free[0]
         idle = [i for i, s in enumerate(self._slot_meta) if s.pins == 0]
         if not idle:
             return None
-        victim = min(idle, key=lambda i: self._slot_meta[i].last_used)
+        now = time.monotonic()
+        victim = min(idle, key=lambda i: (self._wanted(self._adapters.get(self._slot_meta[i].key), now),
+                                          self._slot_meta[i].last_used))
         old = self._slot_meta[victim].key
         del self._slot_of[old]
         self._slot_meta[victim] = _Slot()
@@ -242,6 +251,8 @@ class AdapterStore:
         a = self._adapters.get(old)
         if a is not None and a.weights is None:
             del self._adapters[old]
+            if self._wanted(a, now):
+                self._requeue(a)
         return victim
 
     def _request(self, ref: AdapterRef, demand: bool) -> bool:
@@ -263,9 +274,13 @@ class AdapterStore:
         if self._ready(key):
             self._tiers["host"].hits += 1
             a = self._adapters[key]
+            a.used, a.wanted_at = False, now  # wanted again: protected like a fresh prefetch until acquired,
+            self._touch_host(key)  # else later prefetches evict it before its turn comes
             if a.stamp is not None and now - a.checked_at >= REVALIDATE_S:
                 a.checked_at = now
                 self._pending[key] = (ref, False, True)
+                self._pending.move_to_end(key, last=False)  # usually a stat: ahead of loads
+                self._revalidating.add(key)  # not "ready" until checked: this request must not run stale
                 return True
             return False
         if ref.source not in self.sources:
@@ -284,11 +299,13 @@ class AdapterStore:
             ref, demanded, revalidate = self._pending[key]
             if not (demanded or revalidate):
                 held = sum(a.nbytes for a in self._adapters.values()
-                           if a.weights is not None and not a.used and now - a.loaded_at < PREFETCH_HOLD_S)
+                           if a.weights is not None and not a.used and now - a.wanted_at < PREFETCH_HOLD_S)
                 avg = self._host_bytes / len(self._host_lru) if self._host_lru else 0
-                if held + avg * (len(self._inflight) + 1) > self.config.adapter_host_bytes and (held or self._inflight):
+                need = self._size_hint.get(key, avg)
+                if held + need + avg * len(self._inflight) > self.config.adapter_host_bytes and (held or self._inflight):
                     return  # prefetched entries would evict each other: wait until some are used
             del self._pending[key]
+            self._size_hint.pop(key, None)
             self._inflight[key] = ref
             self._pool.submit(self._load, ref, revalidate)
 
@@ -302,21 +319,53 @@ class AdapterStore:
         if key in self._host_lru:
             self._host_lru.move_to_end(key)
 
+    def _wanted(self, a: _Adapter | None, now: float) -> bool:
+        """Prefetched (loaded or asked for again) and not acquired since: requests wait for it."""
+        return a is not None and not a.used and now - a.wanted_at < PREFETCH_HOLD_S
+
+    def _requeue(self, a: _Adapter) -> None:
+        """`a` left every tier while requests still wait for it: load it again ahead of later
+        arrivals (it came before them), once its known size fits beside the held entries."""
+        key = a.ref.key
+        if key in self._inflight:
+            return
+        urgent = list(itertools.takewhile(lambda k: self._pending[k][1] or self._pending[k][2], self._pending))
+        self._pending[key] = (a.ref, False, False)
+        for k in (key, *reversed(urgent)):  # behind demanded loads and re-checks, which stay first
+            self._pending.move_to_end(k, last=False)
+        self._size_hint[key] = a.nbytes
+
     def _evict_host(self, keep: str) -> None:
+        """LRU over entries no request waits for. The budget is a hard limit: if that is not enough
+        (estimates of unknown sizes, loads `acquire` demanded), entries loaded ahead for waiting
+        requests go too, the latest wanted first (the furthest back in line), and load again later."""
         now = time.monotonic()
+        held = []
         for key in list(self._host_lru):
             if self._host_bytes <= self.config.adapter_host_bytes:
                 return
-            a = self._adapters[key]
-            if key == keep or (not a.used and now - a.loaded_at < PREFETCH_HOLD_S):
-                continue
-            del self._host_lru[key]
-            self._host_bytes -= a.nbytes
-            a.weights = None
-            if key not in self._slot_of:
-                del self._adapters[key]
-            self._tiers["host"].evictions += 1
-            log.info("adapter_evicted", adapter=key, tier="host", bytes=a.nbytes)
+            if key != keep:
+                if self._wanted(self._adapters[key], now):
+                    held.append(key)
+                else:
+                    self._drop_host(key)
+        for key in sorted(held, key=lambda k: self._adapters[k].wanted_at, reverse=True):
+            if self._host_bytes <= self.config.adapter_host_bytes:
+                return
+            a = self._drop_host(key)
+            if not self._ready(key):  # not in a slot either
+                self._requeue(a)
+
+    def _drop_host(self, key: str) -> _Adapter:
+        a = self._adapters[key]
+        del self._host_lru[key]
+        self._host_bytes -= a.nbytes
+        a.weights = None
+        if key not in self._slot_of:
+            del self._adapters[key]
+        self._tiers["host"].evictions += 1
+        log.info("adapter_evicted", adapter=key, tier="host", bytes=a.nbytes)
+        return a
 
     def _evict_disk(self, keep: str) -> None:
         for key in list(self._disk):
@@ -359,6 +408,7 @@ class AdapterStore:
         ms = (time.perf_counter() - t0) * 1e3
         with self._lock:
             del self._inflight[key]
+            self._revalidating.discard(key)
             if error is not None and revalidate:  # keep serving the version we have
                 log.warning("adapter_revalidate_failed", adapter=key, error=error.message)
             elif error is not None:

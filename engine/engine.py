@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 import structlog
-import torch
 
 from engine.adapter_store import AdapterStore
 from engine.config import EngineConfig

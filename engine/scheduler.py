@@ -28,7 +28,7 @@ import structlog
 
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
-from engine.request import AdapterRef, EngineError, ErrorType
+from engine.request import AdapterRef, EngineError
 from engine.sequence import Sequence, SequenceStatus
 
 log = structlog.get_logger(__name__)

@@ -50,8 +50,8 @@ def test_percentile() -> None:
 
 def test_demo_runs_a_worker_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     """The whole demo against a worker process on the fake engine (needs RabbitMQ)."""
-    for name in ("pirate", "caps"):
-        (tmp_path / name).mkdir()
+    for name in ("demo/pirate", "demo/caps"):
+        (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "adapter_config.json").write_text("{}")
     monkeypatch.setattr(demo, "WORKER_COMMAND",
                         (sys.executable, str(ROOT / "tests" / "worker_script.py")))
@@ -60,10 +60,10 @@ def test_demo_runs_a_worker_end_to_end(tmp_path: Path, monkeypatch, capsys) -> N
     out = capsys.readouterr().out
     jobs = len(demo.PROMPTS) * 3
     assert f"{jobs}/{jobs} jobs answered" in out
-    for adapter in ("pirate", "caps", None):
+    for adapter in ("demo/pirate", "demo/caps", None):
         assert expected_text(demo.PROMPTS[0], adapter) in out
-    streamed = out.split("streaming from pirate:", 1)[1]
-    assert "<pirate>" in streamed and "tokens streamed" in streamed
+    streamed = out.split("streaming from demo/pirate:", 1)[1]
+    assert "<demo/pirate>" in streamed and "tokens streamed" in streamed
     assert "worker exited with code 0" in out
 
 
@@ -80,7 +80,7 @@ def test_bench_report_compares_the_paths() -> None:
     from consumer.bench_e2e import Run, report
 
     def run(path: str, load: str, outside_ms: float) -> Run:
-        return Run(path, load, 2.0, [100.0, 200.0], [1.0, 1.0], [outside_ms] * 2, [4, 4],
+        return Run(path, load, [2.0], [100.0, 200.0], [1.0, 1.0], [outside_ms] * 2, [4, 4],
                    ["a", "b" if path == "engine" else "c"])
 
     runs = {(p, load): run(p, load, 0.0 if p == "engine" else 3.0)

@@ -217,8 +217,10 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
     assert len(observed) > 2 * n
     for host, measured, used, pinned in observed:
         assert host <= budget and measured <= budget and used <= 8 and pinned <= 8, (host, measured, used, pinned)
-    assert stats["device"]["evictions"] >= 2 * n - 8 and stats["host"]["evictions"] >= 2 * n - 64
-    assert 2 * n - 32 <= stats["loads"] < 2 * n and stats["load_failures"] == 0  # wave 2 reloads most
+    device, host = stats["device"], stats["host"]
+    assert device["hits"] + device["misses"] == 2 * n and device["evictions"] == device["misses"] - 8 >= 2 * n - 48
+    assert 2 * n - 64 <= stats["loads"] and stats["load_failures"] == 0  # wave 2 reloads most
+    assert stats["loads"] - host["evictions"] == host["adapters"]
     assert stats["host"]["bytes"] <= budget and stats["device"]["pinned"] == 0
     events = [e["event"] for e in logs]
     assert events.count("adapter_loaded") == stats["loads"]
@@ -250,11 +252,14 @@ def test_hot_flood_does_not_starve_cold_adapters(tmp_path, make_engine, llama, o
 
     for req in reqs:  # the flood first, then the cold jobs
         engine.submit(req, None, finish)
+    hot_left = 1000 - len(order)  # the engine ran hot jobs meanwhile (on this box: ~80)
+    assert hot_left >= 500
     assert done.wait(120), f"{len(order)}/{len(reqs)} finished"
 
     last_cold = max(order.index(f"cold-{i}") for i in range(20))
     hot_after = sum(rid.startswith("hot-") for rid in order[last_cold:])
-    assert hot_after >= 500, f"only {hot_after} hot jobs finished after the last cold one"
+    # measured: ~92% of the hot jobs left when the cold ones arrived finish after the last cold one
+    assert hot_after >= hot_left // 2, f"only {hot_after} of {hot_left} hot jobs finished after the last cold one"
     for i, name in enumerate(cold):
         assert tokens(outcomes[f"cold-{i}"]) == oracle.greedy(tmp_path / name, prompt(i), 2), name
     hot = {i: oracle.greedy(tmp_path / "hot", prompt(i), 2) for i in range(7)}
@@ -342,7 +347,7 @@ def test_changed_adapter_picked_up_within_staleness_bound(tmp_path, make_engine,
     assert v1 != v2
     time.sleep(adapter_store.REVALIDATE_S + 0.2)
     after = run_requests(engine, [request("v2a", "acme/bot", 1)])
-    assert tokens(after["v2a"]) == v2[1]
+    assert tokens(after["v2a"]) == v2[1]  # the very first request after the bound
     again = run_requests(engine, [request("v2b", "acme/bot", 2)])
     assert tokens(again["v2b"]) == v2[2]
     assert engine.stats()["adapters"]["loads"] == 2
