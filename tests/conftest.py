@@ -85,3 +85,23 @@ def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict
         engine.submit(request, on_token, finish)
     assert done.wait(timeout), f"only {len(outcomes)}/{len(requests)} requests finished"
     return outcomes
+
+
+@pytest.fixture
+async def topology():
+    """A throwaway broker topology (unique names, delivery limit 2), deleted after the test."""
+    from tests.amqp_helpers import delete_topology, unique_topology
+
+    t = unique_topology(delivery_limit=2)
+    yield t
+    await delete_topology(t)
+
+
+@pytest.fixture
+async def app(topology):
+    """A plain aio-pika backend app publishing to `topology` and reading its replies."""
+    from tests.amqp_helpers import App
+
+    a = await App(topology).open()
+    yield a
+    await a.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
 from consumer import demo
 from consumer.bench_e2e import percentile, worker_args

@@ -67,20 +67,6 @@ def fault_table():
             f.write(table + "\n")
 
 
-@pytest.fixture
-async def topology():
-    t = unique_topology(delivery_limit=2)
-    yield t
-    await delete_topology(t)
-
-
-@pytest.fixture
-async def app(topology):
-    a = await App(topology).open()
-    yield a
-    await a.close()
-
-
 async def require_affinity() -> None:
     if not await affinity_available():
         pytest.skip("broker lacks rabbitmq_consistent_hash_exchange (rabbitmq-plugins enable it)")

@@ -206,3 +206,11 @@ def test_protocol_imports_no_torch():
 
     code = "import sys, consumer.protocol; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_error_types_match_the_engine() -> None:
+    """The wire's error_type strings and the engine's ErrorType are one list, kept apart only so
+    the client never imports the engine package."""
+    from engine.request import ErrorType
+
+    assert set(protocol.ERROR_TYPES) == {e.value for e in ErrorType}

@@ -19,19 +19,11 @@ from consumer.protocol import JSON, MSGPACK
 from consumer.settings import WorkerSettings
 from consumer.worker import Worker
 from engine.request import EngineError, ErrorType
-from tests.amqp_helpers import (AMQP_URL, App, WorkerProcess, affinity_available,
-                                delete_topology, unique_topology, wait_for, worker_args,
-                                worker_settings)
+from tests.amqp_helpers import (AMQP_URL, WorkerProcess, affinity_available, wait_for,
+                                worker_args, worker_settings)
 from tests.fake_engine import FakeEngine, expected_text
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-async def topology():
-    t = unique_topology(delivery_limit=2)
-    yield t
-    await delete_topology(t)
 
 
 @pytest.fixture
@@ -54,13 +46,6 @@ async def make_worker(topology):
         worker.stop()
         await asyncio.wait_for(task, 15)
         engine.shutdown(2)
-
-
-@pytest.fixture
-async def app(topology):
-    a = await App(topology).open()
-    yield a
-    await a.close()
 
 
 # ---- happy paths ---------------------------------------------------------------------------------
