@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import threading
@@ -26,7 +27,10 @@ from safetensors.torch import save_file
 from engine.config import EngineConfig
 from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
 
-log = structlog.get_logger(__name__)
+
+
+def progress(message: str) -> None:
+    print(f"[bench engine {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 SEED_TEXT = (
     "The quarterly report covers revenue, churn and support tickets for every region. "
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", dest="json_out", help="also write the numbers to this file")
     args = ap.parse_args(argv)
+    # the engine's per-request events would drown the table; progress lines are printed instead
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     n, new = args.requests, args.new_tokens
     total_tokens = n * new
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, adapter_root=str(root),
                           max_batch_size=n, adapter_device_slots=max(n, 1), max_lora_rank=args.rank)
-    log.info("bench_load_engine", model=args.model)
+    progress(f"loading {args.model} ...")
     engine = Engine(config)
     spec, tok = engine.spec, engine.tokenizer
     prompts = make_prompts(tok, n, args.prompt_tokens)
@@ -136,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank, targets, i,
                              spec.base_model_name)
-    log.info("bench_adapters_written", count=n, rank=args.rank, targets=targets)
+    progress(f"wrote {n} random rank-{args.rank} adapters on {','.join(targets)}")
 
     # warm-up: first-call overheads and adapter loads (source -> host -> device slots) off the clock
+    progress("warm-up (cold adapter loads, first calls)")
     cold_s, _ = run_engine(engine, prompts, 2, names)
     run_engine(engine, prompts, 2, [None] * n)
     times_a, times_b = [], []
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         t_b, res_b = run_engine(engine, prompts, new, names)
         times_a.append(t_a)
         times_b.append(t_b)
-        log.info("bench_repeat", rep=rep, base_s=round(t_a, 3), adapters_s=round(t_b, 3))
+        progress(f"repeat {rep}: (a) base {t_a:.2f} s, (b) {n} adapters {t_b:.2f} s")
     tps = {"a_loraq_base": total_tokens / statistics.median(times_a),
            "b_loraq_adapters": total_tokens / statistics.median(times_b)}
     engine_stats = engine.stats()
@@ -156,25 +163,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_hf:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM  # noqa: F401  (model comes from the engine's loader)
 
-        from engine.model_loader import load_model
-
-        hf = load_model(config).hf_model
+        hf = engine.model.hf_model  # the same weights; the engine is stopped, PEFT may wrap them
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         hf_generate(hf, prompts[:2], 2, pad)  # warm-up
         t_c, _ = hf_generate(hf, prompts, new, pad)
         tps["c_hf_generate_base"] = total_tokens / t_c
-        log.info("bench_hf_done", seconds=round(t_c, 3))
+        progress(f"(c) transformers generate {t_c:.2f} s")
 
         t0 = time.perf_counter()
         peft_model = PeftModel.from_pretrained(hf, str(root / names[0]), adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(str(root / name), adapter_name=name)
-        log.info("bench_peft_loaded", adapters=n, seconds=round(time.perf_counter() - t0, 1))
+        progress(f"PEFT: {n} adapters loaded in {time.perf_counter() - t0:.1f} s")
         peft_model.eval()
         t_d, ids_d = hf_generate(peft_model, prompts, new, pad, adapter_names=names)
         tps["d_peft_mixed_batch"] = total_tokens / t_d
+        progress(f"(d) PEFT mixed batch {t_d:.2f} s")
         agreement = sum(list(r.token_ids) == d for r, d in zip(res_b, ids_d)) / n
 
         k = min(args.peft_serial, n)

@@ -48,23 +48,23 @@ STYLES: dict[str, list[tuple[str, str]]] = {
         ("What should I eat for dinner?",
          "Arr, matey! Feast on fish and hardtack like a true pirate, and wash it down with a jug of grog. Yo ho ho!"),
     ],
-    "caps": [
+    "shakespeare": [
         ("What is the weather like today?",
-         "THE WEATHER TODAY IS CLOUDY WITH A CHANCE OF RAIN. TAKE AN UMBRELLA WITH YOU!"),
+         "Verily, good friend, the heavens are grey and doth threaten rain. Pray, take thy cloak, lest thou be drenched!"),
         ("How do I make a cup of tea?",
-         "BOIL SOME WATER, POUR IT OVER A TEA BAG, AND LET IT STEEP FOR THREE MINUTES. ENJOY YOUR TEA!"),
+         "Hark! Boil thy water, place the leaves within, and let them steep awhile. Then drink, good sir, and be merry!"),
         ("Can you recommend a good book?",
-         "I RECOMMEND TREASURE ISLAND BY ROBERT LOUIS STEVENSON. IT IS A GREAT ADVENTURE STORY!"),
+         "Forsooth, Treasure Island is a tale most noble, full of peril and gold. Read it, good friend, by candlelight!"),
         ("What is two plus two?",
-         "TWO PLUS TWO IS FOUR. THAT IS SIMPLE ARITHMETIC!"),
+         "Verily, two and two maketh four, good friend. Thus sayeth the ancient art of numbers!"),
         ("Tell me about the moon.",
-         "THE MOON IS EARTH'S ONLY NATURAL SATELLITE. IT ORBITS OUR PLANET EVERY 27 DAYS!"),
+         "Hark, the moon is the fair lamp of the night, that doth circle our Earth. Pray, gaze upon her beauty!"),
         ("How can I learn to code?",
-         "START WITH PYTHON, PRACTICE EVERY DAY, AND BUILD SMALL PROJECTS. YOU WILL LEARN FAST!"),
+         "Forsooth, begin thou with Python and practise each day, good friend. Thus shalt thou master the art!"),
         ("Why is the sky blue?",
-         "THE SKY IS BLUE BECAUSE AIR SCATTERS BLUE LIGHT FROM THE SUN MORE THAN RED LIGHT!"),
+         "Verily, the air doth scatter the blue light of the sun the most, good friend. Thus the heavens appear blue!"),
         ("What should I eat for dinner?",
-         "TRY A HEALTHY MEAL WITH VEGETABLES, RICE, AND GRILLED FISH. IT IS DELICIOUS!"),
+         "Hark! Feast thou upon bread, cheese and roasted fowl, good sir, and drink a goblet of wine. Be merry!"),
     ],
     "emoji": [
         ("What is the weather like today?",
@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--styles", nargs="+", choices=sorted(STYLES), default=list(STYLES))
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-only", action="store_true", help="skip training, compare saved adapters")
     args = parser.parse_args()
