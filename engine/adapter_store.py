@@ -25,9 +25,9 @@ change reloads the adapter under a new generation. From then on `acquire` hands 
 generation: if the old one is in a slot still pinned by running requests, new requests wait
 (acquire returns None) until those finish, then the slot is reloaded. So a request submitted more
 than REVALIDATE_S after the files changed runs on the new files, at worst after the old version's
-running requests (bounded by their max_new_tokens) drain. Replace adapter files atomically (write a new directory,
-then rename) so a load never reads a half-written file. Hub adapters are re-resolved (`main`
-moves) whenever they are loaded from source, i.e. after leaving the host tier.
+running requests (bounded by their max_new_tokens) drain. Replace adapter files atomically (write
+a new directory, then rename) so a load never reads a half-written file. Hub adapters are
+re-resolved (`main` moves) whenever they are loaded from source, i.e. after leaving the host tier.
 
 Threads: `acquire`, `release`, `poll` run on the engine thread (they alone touch LoraSlots);
 `prefetch` from any thread; loader threads only fill the host and disk tiers.
@@ -327,7 +327,7 @@ class AdapterStore:
         """`a` left every tier while requests still wait for it: load it again ahead of later
         arrivals (it came before them), once its known size fits beside the held entries."""
         key = a.ref.key
-        if key in self._inflight:
+        if key in self._inflight or key in self._pending:
             return
         urgent = list(itertools.takewhile(lambda k: self._pending[k][1] or self._pending[k][2], self._pending))
         self._pending[key] = (a.ref, False, False)

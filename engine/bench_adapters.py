@@ -80,7 +80,8 @@ class Loraq:
         self.params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         self._n = 0
 
-    def request(self, ids: list[int], adapter: str | None, prefetch: str | None = None) -> tuple[float, GenerationResult]:
+    def request(self, ids: list[int], adapter: str | None,
+                prefetch: str | None = None) -> tuple[float, GenerationResult]:
         """Latency (ms) and result of one request; `prefetch`: an adapter to prefetch as it is
         submitted (as the worker does for the jobs it holds)."""
         done = threading.Event()
@@ -123,7 +124,8 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
     from engine.adapter_store import AdapterStore
     from engine.lora_slots import LoraSlots
 
-    store = AdapterStore(config, spec, LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank, device, dtype))
+    slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank, device, dtype)
+    store = AdapterStore(config, spec, slots)
     times = []
     for i, name in enumerate(names):
         ref = AdapterRef(name)
@@ -143,12 +145,14 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
     return times
 
 
-def peft_request(model, ids: list[int], new_tokens: int, pad_id: int, adapter: str) -> tuple[float, list[int]]:
+def peft_request(model, ids: list[int], new_tokens: int, adapter: str) -> tuple[float, list[int]]:
+    """Latency (ms) and new token ids; EOS is an ordinary token, as with loraq's ignore_eos (a
+    `min_new_tokens` would instead forbid it, and change the tokens after it)."""
     start = time.perf_counter()
     model.set_adapter(adapter)
     with torch.inference_mode():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return (time.perf_counter() - start) * 1e3, out[0, len(ids):].tolist()
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--adapters", type=int, default=1000, help="the largest adapter count")
     ap.add_argument("--mid", type=int, default=100, help="the middle adapter count (also PEFT's)")
-    ap.add_argument("--requests", type=int, default=24, help="timed requests per setting and system")
+    ap.add_argument("--requests", type=int, default=20, help="timed requests per setting and system")
     ap.add_argument("--prefetch-requests", type=int, default=6, help="timed requests per prefetch case")
     ap.add_argument("--prompt-tokens", type=int, default=70)
     ap.add_argument("--new-tokens", type=int, default=10)
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                  spec.base_model_name)
         adapter_mb = sum(f.stat().st_size for f in (root / names[0]).iterdir()) / 2**20
         say(f"  wrote {len(names) + len(extra)} adapters of {adapter_mb:.2f} MB in {time.perf_counter() - t0:.1f} s")
-        prompts = make_prompts(tok, reqs, args.prompt_tokens)
+        prompts = make_prompts(tok, max(reqs, args.prefetch_requests, 3), args.prompt_tokens)
 
         # 1. register/load, source -> device, the 1st .. the 1000th
         say(f"loraq: registering {big} adapters one at a time (source -> host -> device slot)")
@@ -228,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             loraq.request(prompts[k], names[0])
             loraq.request(prompts[k], "warmup/bot")
         lat: dict[int, list[float]] = {}
+        same: dict[int, list[float]] = {}
+        queue: dict[int, list[float]] = {}
         tokens: dict[int, list[list[int]]] = {}
-        plans = {1: [0] * reqs, mid: rotation(mid, reqs), big: rotation(big - mid, reqs, first=mid)}
+        # adapter 0 is the same-adapter control; the rotations never use it
+        plans = {1: [0] * reqs, mid: rotation(mid - 1, reqs, first=1), big: rotation(big - mid, reqs, first=mid)}
         registered = 1
         for n, plan in plans.items():
             if n > registered:
@@ -238,29 +245,35 @@ def main(argv: list[str] | None = None) -> int:
                     f"({(n - registered) / seconds:.0f}/s)")
                 out.setdefault("loraq_bulk_register_per_s", {})[n] = (n - registered) / seconds
                 registered = n
-            say(f"loraq: {reqs} requests, {n} adapter{'s' if n > 1 else ''} registered")
-            lat[n], tokens[n] = [], []
+            say(f"loraq: {reqs} requests, {n} adapter{'s' if n > 1 else ''} registered"
+                + (", each after a same-adapter control request" if n > 1 else ""))
+            lat[n], same[n], queue[n], tokens[n] = [], [], [], []
             for k, idx in enumerate(plan):
+                if n > 1:  # measured in the same time window: drift on a shared box cancels out
+                    same[n].append(loraq.request(prompts[k], names[0])[0])
                 ms, result = loraq.request(prompts[k], names[idx])
                 lat[n].append(ms)
+                queue[n].append(result.timings.queue_ms)
                 tokens[n].append(list(result.token_ids))
-            say(f"  p50 {pct(lat[n], 0.5):.0f} ms  p99 {pct(lat[n], 0.99):.0f} ms")
+            say(f"  p50 {pct(lat[n], 0.5):.0f} ms  p99 {pct(lat[n], 0.99):.0f} ms  submit -> admitted p50 "
+                f"{pct(queue[n], 0.5):.1f} ms" + (f"  (same adapter: p50 {pct(same[n], 0.5):.0f} ms)" if n > 1 else ""))
         out["loraq_latency_ms"] = {n: summary(v) for n, v in lat.items()}
+        out["loraq_same_adapter_ms"] = {n: summary(v) for n, v in same.items() if v}
+        out["loraq_queue_ms"] = {n: summary(v) for n, v in queue.items()}
 
         # 3. prefetch: cold adapter on the critical path vs prefetched while an earlier request ran
         p = args.prefetch_requests
         say(f"loraq: prefetch, {p} requests for never-loaded adapters, without and with prefetch")
-        cases: dict[str, dict[str, list[float]]] = {c: {"total": [], "queue": [], "load": []} for c in ("plain", "pref")}
+        cases = {c: {"total": [], "queue": [], "load": []} for c in ("resident", "plain", "pref")}
         for i in range(p):
-            loraq.request(prompts[i], names[mid + i], prefetch=f"cold/pref{i}")  # the earlier request
-            for case in ("plain", "pref"):
-                ms, result = loraq.request(prompts[i], f"cold/{case}{i}")
+            for case, adapter, ahead in (("resident", names[mid + i], f"cold/pref{i}"),  # the earlier request
+                                         ("pref", f"cold/pref{i}", None), ("plain", f"cold/plain{i}", None)):
+                ms, result = loraq.request(prompts[i], adapter, prefetch=ahead)
                 for key, value in (("total", ms), ("queue", result.timings.queue_ms),
                                    ("load", result.timings.adapter_load_ms)):
                     cases[case][key].append(value)
         plain_q, pref_q = pct(cases["plain"]["queue"], 0.5), pct(cases["pref"]["queue"], 0.5)
         out["prefetch_ms"] = {case: {key: summary(v) for key, v in d.items()} for case, d in cases.items()}
-        out["prefetch_ms"]["warm_total_p50"] = pct(lat[mid], 0.5)
         out["prefetch_ms"]["hidden_fraction"] = 1 - pref_q / plain_q if plain_q > 0 else None
         out["loraq_stats"] = engine.stats()["adapters"]
         engine.shutdown()
@@ -272,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_peft:
             from peft import PeftModel
 
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             say("PEFT: loading adapter 1")
             t0 = time.perf_counter()
             peft = PeftModel.from_pretrained(hf_model, str(root / names[0]), adapter_name=names[0]).eval()
             peft_loads = [(time.perf_counter() - t0) * 1e3]
-            peft_request(peft, prompts[0], 2, pad, names[0])  # warm-up
+            peft_request(peft, prompts[0], 2, names[0])  # warm-up
             peft_lat: dict[int, list[float]] = {}
+            peft_same: dict[int, list[float]] = {}
             agree = {}
             for n, plan in list(plans.items())[:2]:
                 while len(peft_loads) < n:
@@ -290,17 +303,21 @@ def main(argv: list[str] | None = None) -> int:
                         say(f"  PEFT load_adapter #{i + 1}: {peft_loads[-1]:.0f} ms")
                 peft.eval()
                 say(f"PEFT: {reqs} requests, {n} adapter{'s' if n > 1 else ''} loaded")
-                peft_lat[n], same = [], 0
+                peft_lat[n], peft_same[n], equal = [], [], 0
                 for k, idx in enumerate(plan):
-                    ms, ids = peft_request(peft, prompts[k], args.new_tokens, pad, names[idx])
+                    if n > 1:
+                        peft_same[n].append(peft_request(peft, prompts[k], args.new_tokens, names[0])[0])
+                    ms, ids = peft_request(peft, prompts[k], args.new_tokens, names[idx])
                     peft_lat[n].append(ms)
-                    same += ids == tokens[n][k]
-                agree[n] = same / len(plan)
+                    equal += ids == tokens[n][k]
+                agree[n] = equal / len(plan)
                 say(f"  p50 {pct(peft_lat[n], 0.5):.0f} ms  p99 {pct(peft_lat[n], 0.99):.0f} ms  "
-                    f"(greedy tokens equal to loraq's: {agree[n]:.0%})")
+                    f"(greedy tokens equal to loraq's: {agree[n]:.0%})"
+                    + (f"  (same adapter: p50 {pct(peft_same[n], 0.5):.0f} ms)" if n > 1 else ""))
             xs = list(range(2, len(peft_loads) + 1))
             a, b = linear_fit(xs, peft_loads[1:])
             out["peft_latency_ms"] = {n: summary(v) for n, v in peft_lat.items()}
+            out["peft_same_adapter_ms"] = {n: summary(v) for n, v in peft_same.items() if v}
             out["peft_token_agreement"] = agree
             out["peft_load_adapter_ms"] = {"first": peft_loads[0], "last": peft_loads[-1], "all": peft_loads,
                                            "fit_ms": a, "fit_ms_per_adapter_loaded": b,
@@ -326,44 +343,51 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(out: dict, big: int, mid: int) -> None:
     s = out["setup"]
     lq, pf = out["loraq_latency_ms"], out.get("peft_latency_ms", {})
+    lq_same, pf_same = out["loraq_same_adapter_ms"], out.get("peft_same_adapter_ms", {})
     print(f"\nadapter-scale benchmark: {s['model']} on {s['device']} ({s['dtype']}), {s['prompt_tokens']}-token "
           f"prompt + {s['new_tokens']} new tokens, one request at a time, {s['requests_per_setting']} timed "
-          f"requests per row, rank {s['rank']} on {','.join(s['targets'])}, torch threads {s['torch_threads']}, "
+          f"requests per cell, rank {s['rank']} on {','.join(s['targets'])}, torch threads {s['torch_threads']}, "
           f"{s['device_slots']} device slots")
-    print(f"{'adapters registered':22s} {'loraq p50':>10s} {'p99':>8s} {'PEFT p50':>10s} {'p99':>8s} {'PEFT/loraq':>11s}")
+    print("latency ms (same: a request on one resident adapter, alternated with the rotation's requests)")
+    print(f"{'adapters':>8s} | {'loraq p50':>9s} {'p99':>5s} {'same':>5s} | {'PEFT p50':>9s} {'p99':>5s} {'same':>5s} | "
+          f"{'PEFT/loraq p50':>14s}")
+
+    def cells(lat: dict, same: dict, n: int) -> str:
+        if n not in lat:
+            return f"{'not run':>21s}"
+        return f"{lat[n]['p50']:9.0f} {lat[n]['p99']:5.0f} {same[n]['p50'] if n in same else float('nan'):5.0f}"
+
     for n in (1, mid, big):
-        row = f"{n:<22d} {lq[n]['p50']:8.0f}ms {lq[n]['p99']:6.0f}ms"
-        if n in pf:
-            row += f" {pf[n]['p50']:8.0f}ms {pf[n]['p99']:6.0f}ms {pf[n]['p50'] / lq[n]['p50']:10.2f}x"
-        else:
-            row += f" {'not run':>10s}"
-        print(row)
-    print(f"ratio p50 {mid}/1:  loraq {lq[mid]['p50'] / lq[1]['p50']:.2f}"
-          + (f"   PEFT {pf[mid]['p50'] / pf[1]['p50']:.2f}" if mid in pf else ""))
-    print(f"ratio p50 {big}/1: loraq {lq[big]['p50'] / lq[1]['p50']:.2f}   (target <= 1.10)")
+        ratio = f"{pf[n]['p50'] / lq[n]['p50']:14.2f}" if n in pf else f"{'-':>14s}"
+        print(f"{n:8d} | {cells(lq, lq_same, n)} | {cells(pf, pf_same, n)} | {ratio}")
+    print(f"ratio p50 {big}/1, loraq: {lq[big]['p50'] / lq[1]['p50']:.2f} (target <= 1.10); against the same-adapter "
+          f"requests measured alongside: {lq[big]['p50'] / lq_same[big]['p50']:.2f}")
+    print(f"ratio p50 {mid}/1: loraq {lq[mid]['p50'] / lq[1]['p50']:.2f}"
+          + (f", PEFT {pf[mid]['p50'] / pf[1]['p50']:.2f}" if mid in pf else ""))
+    queue = out["loraq_queue_ms"]
+    print("loraq submit -> admitted p50 ms: " + ", ".join(f"{n} adapters {queue[n]['p50']:.1f}" for n in queue))
     reg = out["loraq_register_ms"]
     w = next(k for k in reg if k.startswith("first_")).split("_")[1]
-    print(f"loraq register/load source -> device slot: #1 {reg['first']:.1f} ms, #{big} {reg['last']:.1f} ms; "
+    print(f"loraq register/load, source -> device slot: #1 {reg['first']:.1f} ms, #{big} {reg['last']:.1f} ms; "
           f"first {w} p50/p99 {reg[f'first_{w}']['p50']:.1f}/{reg[f'first_{w}']['p99']:.1f} ms, "
           f"last {w} p50/p99 {reg[f'last_{w}']['p50']:.1f}/{reg[f'last_{w}']['p99']:.1f} ms "
-          f"(ratio last/first p50 {reg[f'last_{w}']['p50'] / reg[f'first_{w}']['p50']:.2f})")
+          f"(last/first p50 {reg[f'last_{w}']['p50'] / reg[f'first_{w}']['p50']:.2f})")
     if "peft_load_adapter_ms" in out:
         pl = out["peft_load_adapter_ms"]
         n = len(pl["all"])
         print(f"PEFT load_adapter: #1 {pl['first']:.0f} ms, #{n} {pl['last']:.0f} ms "
-              f"(ratio {pl['last'] / pl['first']:.1f}x; fitted +{pl['fit_ms_per_adapter_loaded']:.1f} ms per adapter "
+              f"(#{n}/#1 {pl['last'] / pl['first']:.1f}x; fitted +{pl['fit_ms_per_adapter_loaded']:.1f} ms per adapter "
               f"already loaded: #{big} ~{pl[f'projected_{big}th_ms'] / 1e3:.1f} s)")
         print(f"not run: {out['peft_not_run']}")
         print("greedy tokens equal between loraq and PEFT: "
               + ", ".join(f"{n} adapters {v:.0%}" for n, v in out["peft_token_agreement"].items()))
     p = out["prefetch_ms"]
     hidden = p["hidden_fraction"]
-    print(f"prefetch, never-loaded adapter (source load p50 {p['plain']['load']['p50']:.1f} ms): "
-          f"submit -> admitted p50 {p['plain']['queue']['p50']:.1f} ms not prefetched, "
-          f"{p['pref']['queue']['p50']:.1f} ms prefetched while an earlier request ran"
-          + (f" (hidden: {hidden:.0%})" if hidden is not None else "")
-          + f"; latency p50 {p['plain']['total']['p50']:.0f} vs {p['pref']['total']['p50']:.0f} ms "
-          f"(resident adapter: {p['warm_total_p50']:.0f} ms)")
+    print(f"prefetch, never-loaded adapter (source load p50 {p['plain']['load']['p50']:.1f} ms): submit -> admitted "
+          f"p50 {p['plain']['queue']['p50']:.1f} ms not prefetched, {p['pref']['queue']['p50']:.1f} ms prefetched "
+          f"while an earlier request ran" + (f" ({hidden:.0%} hidden)" if hidden is not None else "")
+          + f"; latency p50 {p['plain']['total']['p50']:.0f} / {p['pref']['total']['p50']:.0f} ms, "
+          f"resident adapter {p['resident']['total']['p50']:.0f} ms")
     st = out["loraq_stats"]
     print(f"loraq tiers: device hits/misses/evictions {st['device']['hits']}/{st['device']['misses']}/"
           f"{st['device']['evictions']}, host hits/misses/evictions {st['host']['hits']}/{st['host']['misses']}/"

@@ -164,11 +164,13 @@ def failed(outcome, error_type: ErrorType, retryable: bool = False) -> str:
 # ---- 300 adapters through 8 device slots and a host tier of ~32 ------------------------------------
 
 def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, oracle):
-    """Two waves over 300 adapters (the second in reverse order, so most reload from source):
-    every output equals PEFT with that adapter alone; the device tier never holds more than 8,
-    the host tier never more than its byte budget (by the store's accounting and by summing the
-    tensors it holds, sampled from another thread and on every token); evictions happen and are
-    logged one line each."""
+    """Two waves over 300 adapters of mixed rank and modules (the second in reverse order: the
+    last ~32 are still in the host tier, the rest reload from source): every output equals PEFT
+    with that adapter alone; the device tier never holds more than 8, the host tier never more
+    than its byte budget (by the store's accounting and by summing the tensors it holds, sampled
+    from another thread and on every token); evictions happen and are logged one line each.
+    (Wave 2 once stalled for PREFETCH_HOLD_S: prefetches of later adapters evicted the resident
+    ones about to run.)"""
     shapes = llama.spec.module_shapes
     n = 300
     names = [f"tenant{i:03d}/bot" for i in range(n)]
@@ -178,7 +180,8 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
     engine = make_engine(adapter_root=str(tmp_path), adapter_device_slots=8, adapter_host_bytes=budget,
                          max_batch_size=16)
     store = engine.adapter_store
-    assert all(a.shape[1] == 8 for a in store.slots.A.values())  # (allocated lazily, checked again below)
+    expected = {i: oracle.greedy(tmp_path / names[i], prompt(i), 4) for i in range(n)}
+    assert len({tuple(t) for t in expected.values()}) >= 0.9 * n, "adapters must change the tokens"
 
     observed: list[tuple[int, int, int, int]] = []  # (host bytes by stats, measured, device used, pinned)
 
@@ -198,8 +201,6 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
 
     thread = threading.Thread(target=sampler, daemon=True)
     thread.start()
-    expected = {i: oracle.greedy(tmp_path / names[i], prompt(i), 4) for i in range(n)}
-    assert len({tuple(t) for t in expected.values()}) >= 0.9 * n, "adapters must change the tokens"
     with capture_logs() as logs:
         waves = []
         for wave, order in enumerate((range(n), reversed(range(n)))):
@@ -406,3 +407,22 @@ def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monke
     assert secret not in repr(logs), "api_token is never logged"
     stats = engine.stats()["adapters"]
     assert stats["disk"]["adapters"] == 2 and stats["disk"]["bytes"] > 0 and stats["loads"] == 3
+
+
+@pytest.mark.xfail(strict=True, reason="engine: a request that leaves before it runs (deadline, cancel, rejected) "
+                                       "keeps its prefetched adapter 'wanted' for PREFETCH_HOLD_S (60 s); nothing "
+                                       "tells the store, so such entries can fill the host budget and hold back "
+                                       "every other adapter's load")
+def test_requests_that_never_ran_do_not_hold_the_host_budget(tmp_path, make_engine, llama):
+    shapes = llama.spec.module_shapes
+    for i in range(5):
+        write_adapter(tmp_path / f"a{i}", shapes, seed=700 + i)
+    engine = make_engine(adapter_root=str(tmp_path), adapter_host_bytes=4 * host_bytes_of(0, shapes))
+    expired = [GenerationRequest(id=f"expired{i}", prompt_token_ids=prompt(i), adapter=AdapterRef(f"a{i}"),
+                                 deadline=time.time() - 1) for i in range(4)]
+    for outcome in run_requests(engine, expired).values():
+        failed(outcome, ErrorType.DEADLINE_EXCEEDED)
+    while engine.stats()["adapters"]["loads"] < 4:  # their adapters were prefetched at submit
+        time.sleep(0.01)
+    fresh = run_requests(engine, [request("fresh", "a4", 0)], timeout=3)
+    tokens(fresh["fresh"])
