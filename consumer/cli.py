@@ -33,7 +33,7 @@ DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining
 BENCH_HELP = {
     "engine": "engine throughput: loraq vs transformers vs PEFT, base and many adapters",
     "e2e": "jobs/s and latency through RabbitMQ against the engine alone",
-    "adapters": "adapter load, cache tiers and LoRA op cost",
+    "adapters": "latency at 1/100/1000 adapters in rotation, loraq vs PEFT; cold loads and prefetch",
 }
 CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}
 

@@ -99,6 +99,7 @@ class EngineLike(Protocol):
     def submit(self, request: GenerationRequest, on_token: Callable[[TokenEvent], None] | None,
                on_finish: Callable[[Outcome], None]) -> None: ...
     def prefetch(self, adapter: AdapterRef) -> None: ...
+    def release_prefetch(self, adapter: AdapterRef) -> None: ...
     def cancel(self, request_id: str) -> bool: ...
     def stats(self) -> dict: ...
     def shutdown(self, timeout: float | None = None) -> None: ...
@@ -282,6 +283,7 @@ class Worker:
                 pass
         for inflight in self._collector.drain():  # never submitted: leave them to the broker
             self._inflight.pop(inflight.job.id, None)
+            self._release_prefetch(inflight)
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while (self._inflight or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -397,6 +399,12 @@ class Worker:
                    route=route)
         self._collector.add(inflight)
 
+    def _release_prefetch(self, inflight: InflightJob) -> None:
+        """Pair the prefetch made on arrival, once the job is submitted (the engine then holds the
+        adapter itself) or dropped unsubmitted (else its adapter stays held against eviction)."""
+        if inflight.request.adapter is not None:
+            self.engine.release_prefetch(inflight.request.adapter)
+
     def _submit_group(self, group: list[InflightJob]) -> None:
         """Collector flush: hand the group to the engine (on the loop; submit returns at once)."""
         batch_id = f"b{next(self._batch_ids)}"
@@ -405,6 +413,7 @@ class Worker:
         for inflight in group:
             if inflight.job.expired(now_ms):  # expired while collected
                 self._inflight.pop(inflight.job.id, None)
+                self._release_prefetch(inflight)
                 self._settle_all(inflight, GenerationFailure(inflight.job.id, EngineError(
                     ErrorType.DEADLINE_EXCEEDED, "job passed its deadline before it ran")))
                 continue
@@ -420,6 +429,8 @@ class Worker:
                     ErrorType.INTERNAL, f"engine refused the job: {type(e).__name__}",
                     retryable=True)))
                 continue
+            finally:  # after submit, which holds the adapter for the request on its own
+                self._release_prefetch(inflight)
             submitted.append(inflight)
         if submitted:
             adapters = {i.job.adapter_id for i in submitted}

@@ -4,16 +4,23 @@
   pinned while requests use it (`acquire` .. `release`) and never evicted then; otherwise LRU.
 - host: validated `AdapterWeights` in RAM (pinned memory on CUDA, so host -> device copies are
   asynchronous), `adapter_host_bytes` budget (a hard limit), LRU. An entry loaded ahead of use,
-  or asked for again by a new request while resident, and not acquired since is "wanted":
-  protected for PREFETCH_HOLD_S, and queued loads (FIFO: the order requests arrived) wait while
-  such entries plus loads in flight would overflow the budget, so a flood of prefetches cannot
-  evict what is about to run. Only a load `acquire` needs at once (its host copy went away)
-  skips that wait. When a load still does not fit (sizes are estimated until loaded), wanted
+  or asked for again by a new request while resident, and not acquired since is "wanted" while
+  some `prefetch` of it is still outstanding (see "Wants" below): protected for PREFETCH_HOLD_S,
+  and queued loads (FIFO: the order requests arrived) wait while such entries plus loads in
+  flight would overflow the budget, so a flood of prefetches cannot evict what is about to run.
+  Only a load `acquire` needs at once (its host copy went away) skips that wait. When a load still does not fit (sizes are estimated until loaded), wanted
   entries are evicted after all, the latest wanted first, and re-queued ahead of later arrivals
   with their now known size, so they load again in their turn and nothing waits for the hold.
 - disk: hub snapshots in `adapter_disk_dir`, `adapter_disk_bytes` budget, LRU (local adapters are
   already on disk: the adapter root is their source).
 - source: `LocalSource` (adapter root) or `HubSource` (when `hub_enabled`).
+
+Wants: every `prefetch` counts one outstanding want of the adapter, settled by exactly one of
+`acquire` (the request ran; a later re-acquire, e.g. after preemption, settles another want if one
+is left, never below zero) or `unwant` (the request leaves without ever acquiring: expired,
+cancelled, rejected, failed). The protection lasts only while the count is above zero, so a request
+that never runs drops its own hold at once, and two requests for one adapter do not cancel each
+other: the entry stays wanted until the last one acquires or leaves (or PREFETCH_HOLD_S passes).
 
 Loads run in a small thread pool: one load per adapter however many requests want it. A failed
 load is remembered for `adapter_failure_ttl_s` and answered to every poll in that time.
@@ -30,7 +37,7 @@ a new directory, then rename) so a load never reads a half-written file. Hub ada
 re-resolved (`main` moves) whenever they are loaded from source, i.e. after leaving the host tier.
 
 Threads: `acquire`, `release`, `poll` run on the engine thread (they alone touch LoraSlots);
-`prefetch` from any thread; loader threads only fill the host and disk tiers.
+`prefetch` and `unwant` from any thread; loader threads only fill the host and disk tiers.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class AdapterStore:
         self._size_hint: dict[str, int] = {}  # pending keys whose host bytes are known (requeued)
         self._revalidating: set[str] = set()  # resident, files being re-checked: poll waits
         self._inflight: dict[str, AdapterRef] = {}
+        self._wants: dict[str, int] = {}  # key -> prefetches not yet settled by acquire or unwant
         self._failures: dict[str, tuple[EngineError, float]] = {}
         self._generation = 0
         self._tick = 0
@@ -127,10 +135,22 @@ class AdapterStore:
     # ---- any thread -------------------------------------------------------------------------
 
     def prefetch(self, ref: AdapterRef) -> None:
-        """Start loading `ref` (source -> disk -> host) in the background; returns at once."""
+        """Start loading `ref` (source -> disk -> host) in the background; returns at once. Counts
+        one want of `ref`: follow it with one `acquire` or, if the request will never acquire, one
+        `unwant`."""
         with self._lock:
+            self._wants[ref.key] = self._wants.get(ref.key, 0) + 1
             if self._request(ref, demand=False):
                 self._start_loads()
+
+    def unwant(self, ref: AdapterRef) -> None:
+        """Settle one `prefetch` of `ref` whose request leaves without acquiring it (expired,
+        cancelled, rejected, failed). Drops only the protection that prefetch added: the entry
+        stays wanted while other prefetches of it are outstanding. Call it once per such prefetch,
+        never after an `acquire` for the same request. Thread-safe."""
+        with self._lock:
+            if self._settle(ref.key) == 0:
+                self._start_loads()  # its hold no longer counts: held-back loads may fit now
 
     def stats(self) -> dict:
         with self._lock:
@@ -198,8 +218,9 @@ class AdapterStore:
             self._slot_meta[target] = _Slot(key, a.generation)
             self._slot_of[key] = target
             self._touch_host(key)
+            slot = self._pin(target, a, hit=False)
             self._start_loads()  # `used` changed: held-back prefetches may fit now
-            return self._pin(target, a, hit=False)
+            return slot
 
     def release(self, ref: AdapterRef) -> None:
         """Unpin one `acquire` of `ref`."""
@@ -219,8 +240,18 @@ class AdapterStore:
         slot = self._slot_of.get(key)
         return a.weights is not None or (slot is not None and self._slot_meta[slot].generation == a.generation)
 
+    def _settle(self, key: str) -> int:
+        """One want of `key` is settled (acquired or given up); the wants left."""
+        left = self._wants.get(key, 0) - 1
+        if left > 0:
+            self._wants[key] = left
+            return left
+        self._wants.pop(key, None)
+        return 0
+
     def _pin(self, slot: int, a: _Adapter | None, hit: bool) -> int:
         self._tick += 1
+        self._settle(self._slot_meta[slot].key)
         meta = self._slot_meta[slot]
         meta.pins += 1
         meta.last_used = self._tick
@@ -298,8 +329,7 @@ class AdapterStore:
             key = next(iter(self._pending))
             ref, demanded, revalidate = self._pending[key]
             if not (demanded or revalidate):
-                held = sum(a.nbytes for a in self._adapters.values()
-                           if a.weights is not None and not a.used and now - a.wanted_at < PREFETCH_HOLD_S)
+                held = sum(a.nbytes for a in self._adapters.values() if a.weights is not None and self._wanted(a, now))
                 avg = self._host_bytes / len(self._host_lru) if self._host_lru else 0
                 need = self._size_hint.get(key, avg)
                 if held + need + avg * len(self._inflight) > self.config.adapter_host_bytes and (held or self._inflight):
@@ -320,8 +350,10 @@ class AdapterStore:
             self._host_lru.move_to_end(key)
 
     def _wanted(self, a: _Adapter | None, now: float) -> bool:
-        """Prefetched (loaded or asked for again) and not acquired since: requests wait for it."""
-        return a is not None and not a.used and now - a.wanted_at < PREFETCH_HOLD_S
+        """Prefetched (loaded or asked for again), not acquired since, and some prefetch of it not yet
+        settled: requests wait for it."""
+        return (a is not None and not a.used and now - a.wanted_at < PREFETCH_HOLD_S
+                and self._wants.get(a.ref.key, 0) > 0)
 
     def _requeue(self, a: _Adapter) -> None:
         """`a` left every tier while requests still wait for it: load it again ahead of later

@@ -102,11 +102,19 @@ class Engine:
                 self._live.add(request.id)
                 self._inbox.put(("submit", request, on_token, on_finish))
         if closed:  # no engine thread any more to call back from
+            self._unwant(request)
             self._callback(request.id, on_finish, GenerationFailure(request.id, _shut_down()))
         self._wake.set()
 
     def prefetch(self, adapter: AdapterRef) -> None:
+        """Start loading `adapter` ahead of a request (`submit` does this itself). Each call holds
+        the loaded adapter against eviction until paired with one `release_prefetch`."""
         self.adapter_store.prefetch(adapter)
+
+    def release_prefetch(self, adapter: AdapterRef) -> None:
+        """Pair one earlier `prefetch` call: whether or not its request was then submitted (submit
+        holds the adapter for the request on its own), it no longer needs to hold it."""
+        self.adapter_store.unwant(adapter)
 
     def cancel(self, request_id: str) -> bool:
         """True if the request was still live; it then ends with a GenerationFailure (INTERNAL,
@@ -202,6 +210,7 @@ class Engine:
             prompt_ids = self._tokenize(request)
         except EngineError as error:
             bound.info("request_rejected", error_type=error.type.value, error=error.message)
+            self._unwant(request)
             self._finish_callback(request.id, on_finish, GenerationFailure(request.id, error))
             return
         params = request.params
@@ -263,7 +272,17 @@ class Engine:
             self.scheduler.finish(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.scheduler.remove_waiting(seq)
+            self._unwant_unadmitted(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def _unwant(self, request: GenerationRequest) -> None:
+        """`submit` prefetched the request's adapter; it leaves without acquiring it."""
+        if request.adapter is not None:
+            self.adapter_store.unwant(request.adapter)
+
+    def _unwant_unadmitted(self, seq: Sequence) -> None:
+        if seq.admitted_at is None:  # never admitted, so never acquired (a preempted one has)
+            self._unwant(seq.request)
 
     def _sweep_deadlines(self) -> None:
         now = time.time()
@@ -281,6 +300,7 @@ class Engine:
         outcome = self.scheduler.schedule()
         for seq, error in outcome.failed:
             seq.status = SequenceStatus.FINISHED
+            self._unwant_unadmitted(seq)
             self._fail(seq, error)
         batch = outcome.batch
         if batch is None:

@@ -60,6 +60,8 @@ class Sampler:
         logits /= temperature[:, None]  # greedy rows ignore temperature, as in transformers
 
         token_ids = logits.argmax(dim=-1)  # [B]; the answer for greedy rows, ties -> lowest id
+        # Row by row: each draws from its own generator. Per row at V=49k on one CPU core: ~1 ms
+        # for multinomial, ~4 ms more when top_p/typical_p sort the vocabulary.
         for i, state in enumerate(states):
             if state.generator is not None:
                 probs = warp(logits[i], state.params).softmax(dim=-1)  # [V]

@@ -197,7 +197,8 @@ class Scheduler:
 
     def _ready_in_rotation(self, failed: list[tuple[Sequence, EngineError]]) -> list[str]:
         """Ready adapters from the front of the rotation, skipping ones still loading. Only the
-        front is polled (polling asks the store to load now, ahead of plain prefetches)."""
+        front is polled, to bound the work per step (polling queues a load like a prefetch would,
+        behind the ones already queued; it does not move it ahead)."""
         wanted = max(self.max_active - len(self.active), 1)
         ready: list[str] = []
         for key in list(self.rotation)[:2 * self.max_active]:

@@ -1,12 +1,13 @@
 """Train the demo LoRA adapters in adapters/demo/<style>/ on the embedded SmolLM2-135M-Instruct.
 
-Each style is a PEFT LoRA (r=8 on q/v/o) trained for a few dozen steps on 8 chat examples, loss on
-the assistant tokens only; ~1-2 minutes per adapter on a 2-core CPU. The adapters are saved in PEFT
-format with bf16 weights (~1.5 MB each), then loaded back and compared with the base model on
+Each style is a PEFT LoRA (r=8 on q/v/o) trained for 40 steps on 8 chat examples, loss on the
+assistant tokens only; ~2 minutes per adapter on an idle 2-core CPU. The adapters are saved in
+PEFT format with bf16 weights (~1.5 MB each), then loaded back and compared with the base model on
 held-out prompts (greedy), so the printout shows what each one does.
 
     python scripts/train_demo_adapters.py            # all styles
-    python scripts/train_demo_adapters.py --styles pirate --steps 60 --lr 3e-3
+    python scripts/train_demo_adapters.py --styles pirate --steps 60 --lr 2e-3
+    python scripts/train_demo_adapters.py --compare-only  # print base vs saved adapters
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OUT_ROOT = Path(__file__).resolve().parent.parent / "adapters" / "demo"
 
-# 8 short examples per style; the style marker is in every sentence so a few steps teach it.
+# 8 short examples per style. Each reply opens and closes with the same marker, so 40 steps
+# teach the style while the 135M model keeps most of its answer (ALL CAPS, and looser replies,
+# overwrote the facts: "THE CAPITAL IS LONDON!").
 STYLES: dict[str, list[tuple[str, str]]] = {
     "pirate": [
         ("What is the weather like today?",

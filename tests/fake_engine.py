@@ -55,6 +55,7 @@ class FakeEngine:
         self.fail = dict(fail or {})  # adapter id -> error instead of a run
         self.submitted: list[str] = []  # request ids, in submission order
         self.prefetched: list[str] = []  # AdapterRef.key
+        self.released_prefetches: list[str] = []  # AdapterRef.key
         self.batches: list[tuple[str | None, ...]] = []  # adapters of every step with rows
         self._waiting: deque[_Run] = deque()
         self._running: list[_Run] = []
@@ -80,6 +81,10 @@ class FakeEngine:
     def prefetch(self, adapter: AdapterRef) -> None:
         with self._lock:
             self.prefetched.append(adapter.key)
+
+    def release_prefetch(self, adapter: AdapterRef) -> None:
+        with self._lock:
+            self.released_prefetches.append(adapter.key)
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:

@@ -4,7 +4,7 @@ SmolLM2 tokenizer; split UTF-8, stop sequences across tokens, hold-back, special
 from __future__ import annotations
 
 import importlib.util
-import os
+import random
 
 import pytest
 
@@ -44,7 +44,8 @@ def stream(detok: Detokenizer, ids: list[int]) -> tuple[list[str], bool]:
 
 
 def chat_prompt(tok) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": "Hi ünïcode"}], add_generation_prompt=True, return_dict=False)
+    messages = [{"role": "user", "content": "Hi ünïcode"}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
 
 @pytest.mark.parametrize("tok_name", ["byte_tok", "smol_tok"])
@@ -131,8 +132,6 @@ def test_sentencepiece_style_leading_space_comes_from_context(smol_tok) -> None:
 def test_random_ids_including_invalid_utf8(request, tok_name: str) -> None:
     """Whatever a model emits (stray continuation bytes, cut characters, specials), the streamed
     chunks add up to tokenizer.decode of all the ids."""
-    import random
-
     tok = request.getfixturevalue(tok_name)
     rng = random.Random(0)
     for _ in range(20):

@@ -66,7 +66,8 @@ PARAMS = [
     SamplingParams(do_sample=True, typical_p=0.5),
     SamplingParams(do_sample=True, typical_p=0.95, temperature=0.8),
     SamplingParams(do_sample=True, repetition_penalty=1.3),
-    SamplingParams(do_sample=True, repetition_penalty=0.8, top_k=20, top_p=0.8, typical_p=0.9, temperature=0.6),
+    SamplingParams(do_sample=True, repetition_penalty=0.8, top_k=20, top_p=0.8, typical_p=0.9,
+                   temperature=0.6),
     SamplingParams(repetition_penalty=1.5),
     SamplingParams(repetition_penalty=1.0),
 ]
@@ -118,7 +119,8 @@ def test_greedy_applies_repetition_penalty() -> None:
 
 def test_seed_gives_same_tokens_whatever_the_batch() -> None:
     """One seeded row, alone and in two different mixes (greedy, other seeds, other params)."""
-    params = SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=42)
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1,
+                            seed=42)
     others = [
         SamplingParams(),
         SamplingParams(do_sample=True, seed=1),

@@ -409,10 +409,6 @@ def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monke
     assert stats["disk"]["adapters"] == 2 and stats["disk"]["bytes"] > 0 and stats["loads"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a request that leaves before it runs (deadline, cancel, rejected) "
-                                       "keeps its prefetched adapter 'wanted' for PREFETCH_HOLD_S (60 s); nothing "
-                                       "tells the store, so such entries can fill the host budget and hold back "
-                                       "every other adapter's load")
 def test_requests_that_never_ran_do_not_hold_the_host_budget(tmp_path, make_engine, llama):
     shapes = llama.spec.module_shapes
     for i in range(5):
