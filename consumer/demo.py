@@ -1,7 +1,7 @@
 """`loraq demo` / `python -m consumer.demo`: the whole path on one machine, in one command.
 
 Starts a worker subprocess (embedded SmolLM2, adapter root ./adapters, so the demo adapters are
-demo/pirate, demo/caps and demo/emoji, the ids the README uses), waits until its /healthz answers,
+demo/pirate, demo/shakespeare and demo/emoji, the ids the README uses), waits until its /healthz answers,
 publishes the same prompts to the base model and to every adapter at once through
 `consumer.client.Client` (so they share batches), prints each answer with its timings, streams one
 answer token by token, then stops the worker with SIGTERM.

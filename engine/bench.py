@@ -102,8 +102,10 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, *
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     start = time.perf_counter()
     with torch.inference_mode():
+        # eos_token_id=None runs every row to max_new_tokens like loraq's ignore_eos; min_new_tokens
+        # would instead forbid EOS and so change which tokens are chosen
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **kw)
+                             eos_token_id=None, do_sample=False, pad_token_id=pad_id, **kw)
     return time.perf_counter() - start, out[:, width:].tolist()
 
 

@@ -191,12 +191,12 @@ def compare(base, tok, styles: list[str]) -> bool:
     for question in EVAL_PROMPTS:
         with model.disable_adapter():
             base_answer = generate(model, tok, question)
-        print(f"\n### {question}\n  base    : {base_answer!r}")
+        print(f"\n### {question}\n  {'base':12}: {base_answer!r}")
         for style in styles:
             model.set_adapter(style)
             answer = generate(model, tok, question)
             all_differ &= answer != base_answer
-            print(f"  {style:8}: {answer!r}")
+            print(f"  {style:12}: {answer!r}")
     return all_differ
 
 

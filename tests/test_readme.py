@@ -35,5 +35,5 @@ def test_named_commands_and_files_exist() -> None:
 
 
 def test_demo_adapters_named_in_readme_exist() -> None:
-    for name in ("pirate", "caps", "emoji"):
+    for name in ("pirate", "shakespeare", "emoji"):
         assert (ROOT / "adapters" / "demo" / name / "adapter_config.json").exists(), name
