@@ -5,6 +5,7 @@ so every adapter changes the output) saved in PEFT format. Nothing is downloaded
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -94,3 +95,19 @@ def make_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: float = 1
 
 def read_adapter_config(adapter_dir: Path) -> dict:
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+
+
+def hub_cache_standin(cache: Path, repo: str, commit: str, files: Path) -> Path:
+    """Lay out `repo` (the files in `files`) as huggingface_hub's own cache does: blobs,
+    snapshots/<commit> symlinks, refs/main. Returns the snapshot dir."""
+    base = Path(cache) / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (base / "blobs").mkdir(exist_ok=True)
+    for f in Path(files).iterdir():
+        blob = base / "blobs" / f"{commit[:12]}-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return snap

@@ -4,7 +4,6 @@ dedupe, remembered failures, reload of changed files."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from engine.config import EngineConfig
 from engine.lora_slots import LoraSlots
 from engine.model_loader import ModelSpec
 from engine.request import AdapterRef, EngineError, ErrorType
+from tests.builders import hub_cache_standin
 
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
           "gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64)}
@@ -118,20 +118,19 @@ def test_local_source_paths_and_symlinks(tmp_path):
     assert e.value.type == ErrorType.ADAPTER_NOT_FOUND and "adapter_root" in e.value.message
 
 
+def cycle_through_slot(store, names: list[str], budget: int) -> None:
+    """Load each adapter into slot 0 in turn; the host tier stays inside `budget` throughout."""
+    for name in names:
+        ref = AdapterRef(name)
+        assert wait_ready(store, ref) == "ready"
+        assert store.acquire(ref) == 0
+        store.release(ref)
+        assert store.stats()["host"]["bytes"] <= budget
+
+
 def hub_standin(cache: Path, repo: str, commit: str, **kw) -> Path:
-    """Lay out `repo` as huggingface_hub's own cache does: blobs, snapshots/<commit>, refs/main."""
-    base = cache / f"models--{repo.replace('/', '--')}"
-    files = write_adapter(cache.parent / "src" / repo, **kw)
-    (base / "blobs").mkdir(parents=True, exist_ok=True)
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in files.iterdir():
-        blob = base / "blobs" / f"{commit[:8]}-{f.name}"
-        blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    (base / "refs").mkdir(exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
-    return snap
+    """A hub-cache stand-in of `repo` holding a fresh adapter (`kw` goes to write_adapter)."""
+    return hub_cache_standin(cache, repo, commit, write_adapter(cache.parent / "src" / repo, **kw))
 
 
 def test_hub_source_from_cache_layout(tmp_path):
@@ -225,12 +224,7 @@ def test_host_budget_respected(tmp_path):
         write_adapter(tmp_path / name, seed=i)
     budget = int(adapter_bytes() * 2.5)
     store = make_store(tmp_path, slots=1, adapter_host_bytes=budget)
-    for name in names:
-        ref = AdapterRef(name)
-        assert wait_ready(store, ref) == "ready"
-        assert store.acquire(ref) == 0
-        store.release(ref)
-        assert store.stats()["host"]["bytes"] <= budget
+    cycle_through_slot(store, names, budget)
     stats = store.stats()
     assert stats["host"]["adapters"] == 2 and stats["host"]["evictions"] == 4
     assert stats["device"]["evictions"] == 5
@@ -275,12 +269,7 @@ def test_prefetch_flood_does_not_evict_what_is_about_to_run(tmp_path):
         assert store.poll(AdapterRef(name)) == "loading"
     time.sleep(0.2)
     assert sorted(src.fetches) == ["f0", "f1"], src.fetches
-    for name in names:
-        ref = AdapterRef(name)
-        assert wait_ready(store, ref) == "ready"
-        assert store.acquire(ref) == 0
-        store.release(ref)
-        assert store.stats()["host"]["bytes"] <= budget
+    cycle_through_slot(store, names, budget)
     assert src.fetches == {name: 1 for name in names}
     store.close()
 

@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, GenerationResult,
                             SamplingParams)
+from tests.builders import hub_cache_standin
 from tests.conftest import run_requests
 
 EOS = 2  # the builders' tokenizer: <|im_end|>
@@ -355,20 +356,6 @@ def test_changed_adapter_picked_up_within_staleness_bound(tmp_path, make_engine,
 
 
 # ---- hub source through the engine ---------------------------------------------------------------
-
-def hub_cache_standin(cache: Path, repo: str, commit: str, files: Path) -> None:
-    """Lay out `repo` as huggingface_hub's cache does: blobs, snapshots/<commit> symlinks, refs/main."""
-    base = cache / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (base / "blobs").mkdir(exist_ok=True)
-    for f in files.iterdir():
-        blob = base / "blobs" / f"{commit[:12]}-{f.name}"
-        blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    (base / "refs").mkdir(exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
-
 
 def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monkeypatch):
     """hub_enabled with the disk tier holding a stand-in of the hub cache, offline (no network):
