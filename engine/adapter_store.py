@@ -46,7 +46,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -104,8 +104,12 @@ class _Tier:
 
 class AdapterStore:
     def __init__(self, config: EngineConfig, spec: ModelSpec, slots: LoraSlots,
-                 sources: dict[str, AdapterSource] | None = None) -> None:
+                 sources: dict[str, AdapterSource] | None = None,
+                 on_settled: Callable[[], None] | None = None) -> None:
+        """`on_settled` is called (from a loader thread) whenever a load or re-check ends, so the
+        engine can poll again at once instead of on its next timed wake-up."""
         self.config, self.spec, self.slots = config, spec, slots
+        self._on_settled = on_settled
         if sources is None:
             sources = {"local": LocalSource(config.adapter_root)}
             if config.hub_enabled:
@@ -448,6 +452,8 @@ class AdapterStore:
             elif not unchanged:
                 self._insert(ref, w, stamp, ms, disk_bytes, on_disk)
             self._start_loads()
+        if self._on_settled is not None:
+            self._on_settled()
 
     def _insert(self, ref: AdapterRef, w: AdapterWeights, stamp: Hashable | None, ms: float,
                 disk_bytes: int | None, on_disk: bool) -> None:

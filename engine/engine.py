@@ -33,7 +33,7 @@ from engine.sequence import Sequence, SequenceStatus
 log = structlog.get_logger(__name__)
 
 IDLE_WAIT_S = 0.5  # nothing queued: sleep until a command arrives (or this long)
-BLOCKED_WAIT_S = 0.005  # work queued but nothing runnable (adapters loading): poll again soon
+BLOCKED_WAIT_S = 0.005  # work queued but nothing runnable: poll again soon (a finished load wakes us sooner)
 DEADLINE_SWEEP_S = 0.1  # how often waiting requests are checked against their deadline
 
 
@@ -57,7 +57,8 @@ class Engine:
                         model_max_len=model_len, kv_cache_bytes=config.kv_cache_bytes)
         self.slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank,
                                self.model.device, self.model.dtype)
-        self.adapter_store = AdapterStore(config, spec, self.slots)
+        self.adapter_store = AdapterStore(config, spec, self.slots,
+                                          on_settled=lambda: self._wake.set())  # loads end: poll again
         self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots))
         self.scheduler = Scheduler(config, self.blocks, self.adapter_store)
         self.sampler = Sampler()

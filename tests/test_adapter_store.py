@@ -60,9 +60,10 @@ def wait_ready(store: AdapterStore, ref: AdapterRef, timeout=10.0):
     raise AssertionError(f"{ref.key} still loading")
 
 
-def make_store(root: Path, slots=2, sources=None, **cfg) -> AdapterStore:
+def make_store(root: Path, slots=2, sources=None, on_settled=None, **cfg) -> AdapterStore:
     config = EngineConfig(adapter_root=str(root), adapter_device_slots=slots, max_lora_rank=8, **cfg)
-    return AdapterStore(config, SPEC, LoraSlots(SPEC, slots, 8, "cpu", torch.float32), sources=sources)
+    return AdapterStore(config, SPEC, LoraSlots(SPEC, slots, 8, "cpu", torch.float32), sources=sources,
+                        on_settled=on_settled)
 
 
 class Counting(LocalSource):
@@ -357,4 +358,17 @@ def test_hub_store_and_disk_budget(tmp_path):
     assert stats["disk"]["evictions"] == 1 and stats["disk"]["bytes"] <= int(one * 2.5)
     assert not (cache / "models--o1--bot").exists() and (cache / "models--o3--bot").exists()
     assert store.acquire(AdapterRef("o1/bot", source="hub")) is not None  # still in the host tier
+    store.close()
+
+
+def test_settled_loads_notify_the_engine(tmp_path):
+    """Every load or failed load ends with on_settled, so a waiting engine polls again at once."""
+    write_adapter(tmp_path / "good")
+    settled = threading.Event()
+    store = make_store(tmp_path, on_settled=settled.set)
+    store.prefetch(AdapterRef("good"))
+    assert settled.wait(10) and store.poll(AdapterRef("good")) == "ready"
+    settled.clear()
+    store.prefetch(AdapterRef("missing"))
+    assert settled.wait(10) and isinstance(store.poll(AdapterRef("missing")), EngineError)
     store.close()
