@@ -44,7 +44,8 @@ class WorkerSettings:
 
     # batching
     max_batch: int = _opt(32, "running rows per engine step; also the largest collected group")
-    batch_window_ms: float = _opt(5.0, "collection window before a group is submitted")
+    batch_window_ms: float = _opt(5.0, "collection window before a group is submitted (while the engine is busy; "
+                                   "a job that finds it idle is submitted at once)")
 
     # base model and engine
     model: str = _opt("embedded", "local HF dir, hub id, .gguf file, or 'embedded' (SmolLM2-135M)")
