@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer import protocol
@@ -43,6 +44,12 @@ async def affinity_available() -> bool:
         return False
     finally:
         await connection.close()
+
+
+async def require_affinity() -> None:
+    """Skip the calling test when the broker lacks the consistent-hash exchange plugin."""
+    if not await affinity_available():
+        pytest.skip("broker lacks rabbitmq_consistent_hash_exchange (rabbitmq-plugins enable it)")
 
 
 def unique_topology(**overrides) -> Topology:

@@ -31,7 +31,7 @@ import pytest
 
 from consumer import protocol
 from consumer.protocol import JSON, MSGPACK
-from tests.amqp_helpers import (AMQP_URL, App, WorkerProcess, affinity_available,
+from tests.amqp_helpers import (AMQP_URL, App, WorkerProcess, require_affinity,
                                 delete_topology, unique_topology, wait_for, with_query,
                                 worker_args)
 
@@ -65,11 +65,6 @@ def fault_table():
     if path := os.environ.get("LORAQ_FAULT_TABLE"):
         with open(path, "w") as f:
             f.write(table + "\n")
-
-
-async def require_affinity() -> None:
-    if not await affinity_available():
-        pytest.skip("broker lacks rabbitmq_consistent_hash_exchange (rabbitmq-plugins enable it)")
 
 
 @pytest.fixture

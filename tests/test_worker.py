@@ -19,8 +19,8 @@ from consumer.protocol import JSON, MSGPACK
 from consumer.settings import WorkerSettings
 from consumer.worker import Worker
 from engine.request import EngineError, ErrorType
-from tests.amqp_helpers import (AMQP_URL, WorkerProcess, affinity_available, wait_for,
-                                worker_args, worker_settings)
+from tests.amqp_helpers import (AMQP_URL, WorkerProcess, require_affinity, wait_for, worker_args,
+                                worker_settings)
 from tests.fake_engine import FakeEngine, expected_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,8 +310,7 @@ async def test_affinity_jobs_reach_the_shared_queue_without_a_live_worker(app, t
     """--affinity: a job hashed to a worker that is gone (its queue still bound) is dead-lettered to
     the shared queue at once (TTL 0); with no worker queue bound at all the alternate exchange
     takes it there; a spilled job keeps its AMQP expiration (restored from x-death)."""
-    if not await affinity_available():
-        pytest.skip("broker lacks rabbitmq_consistent_hash_exchange (rabbitmq-plugins enable it)")
+    await require_affinity()
     engine = FakeEngine()
     first = Worker(worker_settings(topology, affinity=True), engine)
     await first.start()
