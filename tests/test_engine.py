@@ -105,22 +105,36 @@ def test_logits_match_hf_forward(arch, loaded_models, hf_models):
     """Prefill of several sequences in one packed step, then decode steps over the paged cache
     (block size 4, so contexts span blocks): every row's logits within 1e-3 of HF's forward."""
     model, ref = loaded_models(arch), hf_models(arch)
-    cfg = model.hf_model.config
-    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                    4, 1 << 20, model.device, model.dtype)
-    blocks = BlockManager(cache.num_blocks, 4)
-    runner = ModelRunner(model, cache)
+    runner, blocks = small_block_runner(model)
     seqs = []
     for i, n in enumerate((5, 19, 3, 11)):
         ids = prompt_ids(n, seed=i)
         seqs.append(Sequence(GenerationRequest(id=str(i), prompt_token_ids=ids), list(ids), n))
         blocks.allocate(seqs[-1])
-    logits = runner.run(seqs, prefill=True)
-    for step in range(8):
+
+    def expected(i: int, seq: Sequence) -> torch.Tensor:
         with torch.no_grad():
-            for seq, row in zip(seqs, logits):
-                expected = ref(torch.tensor([seq.token_ids])).logits[0, -1]
-                torch.testing.assert_close(row, expected, atol=1e-3, rtol=0)
+            return ref(torch.tensor([seq.token_ids])).logits[0, -1]
+
+    assert_steps_match(runner, blocks, seqs, 8, expected)
+
+
+def small_block_runner(model, lora_op=None) -> tuple[ModelRunner, BlockManager]:
+    """A runner over a 1 MiB cache of 4-token blocks, so contexts span several blocks."""
+    cfg = model.hf_model.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                    4, 1 << 20, model.device, model.dtype)
+    return ModelRunner(model, cache, lora_op), BlockManager(cache.num_blocks, 4)
+
+
+def assert_steps_match(runner: ModelRunner, blocks: BlockManager, seqs: list[Sequence], steps: int,
+                       expected) -> None:
+    """One packed prefill, then `steps` greedy decode steps: before each step every row's logits
+    are within 1e-3 of `expected(row, seq)` (fp32)."""
+    logits = runner.run(seqs, prefill=True)
+    for _ in range(steps):
+        for i, (seq, row) in enumerate(zip(seqs, logits)):
+            torch.testing.assert_close(row, expected(i, seq), atol=1e-3, rtol=0)
         for seq, row in zip(seqs, logits):
             seq.token_ids.append(int(row.argmax()))
             blocks.append(seq)
@@ -480,11 +494,7 @@ def test_mixed_adapters_logits_match_peft(arch, loaded_models, peft_setup):
     for slot, name in enumerate(ADAPTERS):
         slots.load(slot, load_peft_adapter(root / name, model.spec, model.dtype, 64, False))
         slot_of[name] = slot
-    cfg = model.hf_model.config
-    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                    4, 1 << 20, model.device, model.dtype)
-    blocks = BlockManager(cache.num_blocks, 4)
-    runner = ModelRunner(model, cache, build_lora_op("torch", slots))
+    runner, blocks = small_block_runner(model, build_lora_op("torch", slots))
     seqs, adapters = [], []
     for i, (adapter, n) in enumerate(_rows()):
         ids = prompt_ids(n, seed=300 + i)
@@ -493,14 +503,8 @@ def test_mixed_adapters_logits_match_peft(arch, loaded_models, peft_setup):
         blocks.allocate(seq)
         seqs.append(seq)
         adapters.append(adapter)
-    logits = runner.run(seqs, prefill=True)
-    for step in range(4):
-        for seq, adapter, row in zip(seqs, adapters, logits):
-            torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
-        for seq, row in zip(seqs, logits):
-            seq.token_ids.append(int(row.argmax()))
-            blocks.append(seq)
-        logits = runner.run(seqs, prefill=False)
+    assert_steps_match(runner, blocks, seqs, 4,
+                       lambda i, seq: _peft_logits(peft, adapters[i], seq.token_ids))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
