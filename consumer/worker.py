@@ -96,8 +96,8 @@ class AffinityUnavailable(RuntimeError):
 class EngineLike(Protocol):
     """What the worker needs of `engine.Engine` (tests pass a fake)."""
 
-    def submit(self, request: GenerationRequest, on_token: Callable[[TokenEvent], None] | None,
-               on_finish: Callable[[Outcome], None]) -> None: ...
+    def submit_many(self, jobs: list[tuple[GenerationRequest, Callable[[TokenEvent], None] | None,
+                                           Callable[[Outcome], None]]]) -> None: ...
     def prefetch(self, adapter: AdapterRef) -> None: ...
     def release_prefetch(self, adapter: AdapterRef) -> None: ...
     def cancel(self, request_id: str) -> bool: ...
@@ -409,7 +409,7 @@ class Worker:
         """Collector flush: hand the group to the engine (on the loop; submit returns at once)."""
         batch_id = f"b{next(self._batch_ids)}"
         now_ms = time.time() * 1000.0
-        submitted = []
+        submitted: list[InflightJob] = []
         for inflight in group:
             if inflight.job.expired(now_ms):  # expired while collected
                 self._inflight.pop(inflight.job.id, None)
@@ -419,19 +419,21 @@ class Worker:
                 continue
             inflight.batch_id = batch_id
             inflight.log = inflight.log.bind(batch_id=batch_id)
-            on_token = self._hop(partial(self._on_token, inflight)) if inflight.job.stream else None
-            try:
-                self.engine.submit(inflight.request, on_token,
-                                   self._hop(partial(self._on_finish, inflight)))
-            except Exception as e:  # the engine promises on_finish; a raising submit still fails
-                inflight.log.exception("engine_submit_failed")
-                self._on_finish(inflight, GenerationFailure(inflight.job.id, EngineError(
-                    ErrorType.INTERNAL, f"engine refused the job: {type(e).__name__}",
-                    retryable=True)))
-                continue
-            finally:  # after submit, which holds the adapter for the request on its own
-                self._release_prefetch(inflight)
             submitted.append(inflight)
+        jobs = [(i.request, self._hop(partial(self._on_token, i)) if i.job.stream else None,
+                 self._hop(partial(self._on_finish, i))) for i in submitted]
+        try:
+            if jobs:
+                self.engine.submit_many(jobs)  # one group: one prefill, not a race with the step loop
+        except Exception as e:  # the engine promises on_finish; a raising submit still fails
+            log.exception("engine_submit_failed", batch_id=batch_id)
+            for inflight in submitted:
+                self._on_finish(inflight, GenerationFailure(inflight.job.id, EngineError(
+                    ErrorType.INTERNAL, f"engine refused the job: {type(e).__name__}", retryable=True)))
+            return
+        finally:  # after submit, which holds each adapter for its request on its own
+            for inflight in submitted:
+                self._release_prefetch(inflight)
         if submitted:
             adapters = {i.job.adapter_id for i in submitted}
             self.metrics.batch_size.observe(len(submitted))

@@ -31,6 +31,9 @@ class AdapterSource(ABC):
 
     # True when fetched files live in our disk-cache tier and `evict` may delete them.
     caches_on_disk: bool = False
+    # True when `stamp` is a few local stat calls: the store then checks it inline instead of
+    # queueing a re-check on a loader thread (which would hold the request back for a step).
+    cheap_stamp: bool = False
 
     @abstractmethod
     def fetch(self, adapter_id: str, api_token: str | None) -> Path:
@@ -59,6 +62,8 @@ class LocalSource(AdapterSource):
     Refused: empty ids, absolute paths, `..` components, backslashes, NUL, and any path or adapter
     file that resolves (through symlinks) outside the root. Symlinks inside the root are fine.
     """
+
+    cheap_stamp = True
 
     def __init__(self, root: str | os.PathLike | None) -> None:
         self.root = Path(root).resolve() if root else None

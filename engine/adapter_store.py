@@ -313,6 +313,8 @@ class AdapterStore:
             self._touch_host(key)  # else later prefetches evict it before its turn comes
             if a.stamp is not None and now - a.checked_at >= REVALIDATE_S:
                 a.checked_at = now
+                if self.sources[ref.source].cheap_stamp and self.sources[ref.source].stamp(ref.id) == a.stamp:
+                    return False  # unchanged files: ready now
                 self._pending[key] = (ref, False, True)
                 self._pending.move_to_end(key, last=False)  # usually a stat: ahead of loads
                 self._revalidating.add(key)  # not "ready" until checked: this request must not run stale

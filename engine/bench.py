@@ -5,8 +5,9 @@
 (a) loraq, base model alone          (b) loraq, N distinct adapters, one per request
 (c) transformers `generate`, base, padded static batch
 (d) PEFT mixed batch (`adapter_names`) (e) PEFT one request at a time
-Prints tokens/s for each and the ratios the README quotes. Throughput counts generated tokens
-(every request runs exactly --new-tokens; EOS is ignored so all systems do the same work).
+(a)-(d) are timed --repeats times, taking turns, and the medians are compared. Prints tokens/s for
+each and the ratios the README quotes. Throughput counts generated tokens (every request runs
+exactly --new-tokens; EOS is ignored so all systems do the same work).
 """
 
 from __future__ import annotations
@@ -82,10 +83,9 @@ def run_engine(engine, prompts: list[list[int]], new_tokens: int,
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
-        ref = AdapterRef(adapter) if adapter else None
-        engine.submit(GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
-                                        adapter=ref), None, on_finish)
+    engine.submit_many([(GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
+                                           adapter=AdapterRef(adapter) if adapter else None), None, on_finish)
+                        for i, (ids, adapter) in enumerate(zip(prompts, adapters))])
     done.wait()
     elapsed = time.perf_counter() - start
     ordered = [results[f"r{i}"] for i in range(len(prompts))]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of (a) and (b), interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of (a)-(d), taken in turn; medians")
     ap.add_argument("--peft-serial", type=int, default=8, help="requests timed for (e)")
     ap.add_argument("--skip-hf", action="store_true", help="only (a) and (b)")
     ap.add_argument("--device", default="auto")
@@ -150,40 +150,42 @@ def main(argv: list[str] | None = None) -> int:
     progress("warm-up (cold adapter loads, first calls)")
     cold_s, _ = run_engine(engine, prompts, 2, names)
     run_engine(engine, prompts, 2, [None] * n)
-    times_a, times_b = [], []
-    for rep in range(args.repeats):
-        t_a, res_a = run_engine(engine, prompts, new, [None] * n)
-        t_b, res_b = run_engine(engine, prompts, new, names)
-        times_a.append(t_a)
-        times_b.append(t_b)
-        progress(f"repeat {rep}: (a) base {t_a:.2f} s, (b) {n} adapters {t_b:.2f} s")
-    tps = {"a_loraq_base": total_tokens / statistics.median(times_a),
-           "b_loraq_adapters": total_tokens / statistics.median(times_b)}
-    engine_stats = engine.stats()
-    engine.shutdown()
-    agreement = None
 
+    systems = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n)[0],
+               "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)[0]}
+    peft_model, pad = None, None
     if not args.skip_hf:
+        import copy
+
         from peft import PeftModel
 
-        hf = engine.model.hf_model  # the same weights; the engine is stopped, PEFT may wrap them
+        hf = engine.model.hf_model  # the weights the engine runs on, as transformers runs them
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        hf_generate(hf, prompts[:2], 2, pad)  # warm-up
-        t_c, _ = hf_generate(hf, prompts, new, pad)
-        tps["c_hf_generate_base"] = total_tokens / t_c
-        progress(f"(c) transformers generate {t_c:.2f} s")
-
         t0 = time.perf_counter()
-        peft_model = PeftModel.from_pretrained(hf, str(root / names[0]), adapter_name=names[0])
+        # PEFT wraps its model's layers in place: give it a copy, so (c) runs the plain model
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(root / names[0]), adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(str(root / name), adapter_name=name)
-        progress(f"PEFT: {n} adapters loaded in {time.perf_counter() - t0:.1f} s")
         peft_model.eval()
-        t_d, ids_d = hf_generate(peft_model, prompts, new, pad, adapter_names=names)
-        tps["d_peft_mixed_batch"] = total_tokens / t_d
-        progress(f"(d) PEFT mixed batch {t_d:.2f} s")
-        agreement = sum(list(r.token_ids) == d for r, d in zip(res_b, ids_d)) / n
+        progress(f"PEFT: {n} adapters loaded in {time.perf_counter() - t0:.1f} s")
+        hf_generate(hf, prompts[:2], 2, pad)  # warm-up
+        hf_generate(peft_model, prompts[:2], 2, pad, adapter_names=names[:2])
+        systems["c_hf_generate_base"] = lambda: hf_generate(hf, prompts, new, pad)[0]
+        systems["d_peft_mixed_batch"] = lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names)[0]
 
+    # every system once per repeat, in turn, so that the machine's background load hits all alike
+    times: dict[str, list[float]] = {key: [] for key in systems}
+    for rep in range(args.repeats):
+        for key, run in systems.items():
+            times[key].append(run())
+        progress(f"repeat {rep}: " + ", ".join(f"{key.split('_')[0]} {t[-1]:.2f} s" for key, t in times.items()))
+    tps = {key: total_tokens / statistics.median(t) for key, t in times.items()}
+
+    agreement = None
+    if peft_model is not None:
+        _, res_b = run_engine(engine, prompts, new, names)
+        _, ids_d = hf_generate(peft_model, prompts, new, pad, adapter_names=names)
+        agreement = sum(list(r.token_ids) == d for r, d in zip(res_b, ids_d)) / n
         k = min(args.peft_serial, n)
         t_e = 0.0
         for i in range(k):
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             t, _ = hf_generate(peft_model, prompts[i:i + 1], new, pad)
             t_e += t
         tps["e_peft_one_at_a_time"] = k * new / t_e
+    engine_stats = engine.stats()
+    engine.shutdown()
 
     ratios = {"b/a": tps["b_loraq_adapters"] / tps["a_loraq_base"]}
     if "c_hf_generate_base" in tps:

@@ -95,16 +95,23 @@ class Engine:
 
     def submit(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:
         """Thread-safe, returns at once. Exactly one `on_finish` follows, on the engine thread."""
-        if request.adapter is not None:
-            self.prefetch(request.adapter)  # the load overlaps queueing and tokenization
+        self.submit_many([(request, on_token, on_finish)])
+
+    def submit_many(self, jobs: list[tuple[GenerationRequest, OnToken | None, OnFinish]]) -> None:
+        """`submit` for a group that arrived together: the step thread takes in all of it before
+        its next step, so the group shares one prefill instead of racing the loop job by job."""
+        for request, _, _ in jobs:
+            if request.adapter is not None:
+                self.prefetch(request.adapter)  # the load overlaps queueing and tokenization
         with self._lock:
             closed = self._closed
             if not closed:
-                self._live.add(request.id)
-                self._inbox.put(("submit", request, on_token, on_finish))
+                self._live.update(request.id for request, _, _ in jobs)
+                self._inbox.put(("submit", jobs))
         if closed:  # no engine thread any more to call back from
-            self._unwant(request)
-            self._callback(request.id, on_finish, GenerationFailure(request.id, _shut_down()))
+            for request, _, on_finish in jobs:
+                self._unwant(request)
+                self._callback(request.id, on_finish, GenerationFailure(request.id, _shut_down()))
         self._wake.set()
 
     def prefetch(self, adapter: AdapterRef) -> None:
@@ -181,7 +188,8 @@ class Engine:
                 return stop_at
             kind = command[0]
             if kind == "submit":
-                self._accept(*command[1:])
+                for job in command[1]:
+                    self._accept(*job)
             elif kind == "cancel":
                 self._cancel(command[1])
             elif kind == "shutdown":

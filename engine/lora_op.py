@@ -44,11 +44,12 @@ class LoraBatch:
     short_slots: tuple[int, ...] = ()  # slot of each, in packing order
     short_rank: int = 0  # max rank over their slots (0: none)
     short_shape: tuple[int, int] = (0, 0)  # (segments, padded length) of the short path's bmm
-    # one token per segment and consecutive (decode): x[rows] is the bmm input as is
-    rows: slice = field(default_factory=lambda: slice(0))
-    gather: Tensor | None = None  # else [n * len] token index of each padded position
-    valid: Tensor | None = None  # positions in the padded layout that are real tokens (None: all)
-    scatter: Tensor | None = None  # [tokens] y row of each real token (None: y[rows])
+    rows: slice = field(default_factory=lambda: slice(0))  # their tokens, when consecutive in y
+    # unequal lengths: [n * len] token index of each padded position (None: x[rows] is the bmm
+    # input as is, e.g. decode), and the padded positions that are real tokens
+    gather: Tensor | None = None
+    valid: Tensor | None = None
+    scatter: Tensor | None = None  # [tokens] y row of each real token when not consecutive
     weights: dict = field(default_factory=dict)  # (layer, group) -> (A_cat [n, in, g*r], [B [n, r, out]])
     _shrink: tuple | None = None  # (key of x, x, x @ A_cat [n, len, g*r]) of the last fused shrink
 
@@ -133,14 +134,16 @@ class TorchLoraOp(LoraOp):
         batch.short_rank = max(slots.ranks[s] for s in short_slots)
         length = max(n for _, n, _ in short)
         batch.short_shape = (len(short), length)
-        if length == 1 and short[-1][0] - short[0][0] == len(short) - 1:
-            batch.rows = slice(short[0][0], short[-1][0] + 1)  # decode: rows sorted by slot, base rows first
-            return batch
-        gather = [st + min(j, n - 1) for st, n, _ in short for j in range(length)]
-        if length > 1:
-            batch.valid = _index([i * length + j for i, (_, n, _) in enumerate(short) for j in range(n)], device)
-        batch.gather = _index(gather, device)
-        batch.scatter = _index([st + j for st, n, _ in short for j in range(n)], device)
+        first, last = short[0], short[-1]
+        contiguous = all(a[0] + a[1] == b[0] for a, b in zip(short, short[1:]))
+        if contiguous:  # no long segment in between (rows are sorted by slot, base rows first)
+            batch.rows = slice(first[0], last[0] + last[1])
+        if contiguous and all(n == length for _, n, _ in short):
+            return batch  # decode, or prompts of one length: x[rows] is the bmm input as is
+        batch.gather = _index([st + min(j, n - 1) for st, n, _ in short for j in range(length)], device)
+        batch.valid = _index([i * length + j for i, (_, n, _) in enumerate(short) for j in range(n)], device)
+        if not contiguous:
+            batch.scatter = _index([st + j for st, n, _ in short for j in range(n)], device)
         return batch
 
     def _gathered(self, layer: int, group: tuple[str, ...], batch: LoraBatch) -> tuple[Tensor, list[Tensor]]:
@@ -178,12 +181,16 @@ class TorchLoraOp(LoraOp):
             s = batch._shrink[2]
         else:
             a_cat, _ = self._gathered(layer, group, batch)
-            xs = x[batch.rows] if batch.gather is None else x.index_select(0, batch.gather)
+            xs = x[batch.rows] if batch.gather is None else x.index_select(0, batch.gather)  # [n*len, in]
             s = torch.bmm(xs.to(a_cat.dtype).reshape(n, length, -1), a_cat)  # [n, len, g*r]
             batch._shrink = (x_key, x, s)  # holding x keeps its storage (and data_ptr) ours
         j = group.index(module)
         b = self._gathered(layer, group, batch)[1][j]
-        out = torch.bmm(s[:, :, j * r:(j + 1) * r], b).view(n * length, -1)  # [n*len, out]
+        s_j = s[:, :, j * r:(j + 1) * r]  # [n, len, r]
+        if batch.gather is None and y.dtype == b.dtype and y.is_contiguous():
+            y[batch.rows].view(n, length, -1).baddbmm_(s_j, b)  # in place: no [T, out] temporary
+            return
+        out = torch.bmm(s_j, b).view(n * length, -1)  # [n*len, out]
         if batch.valid is not None:
             out = out.index_select(0, batch.valid)
         out = out.to(y.dtype)

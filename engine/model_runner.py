@@ -44,7 +44,9 @@ class _Layer:
     linear: dict[str, tuple[Tensor, Tensor | None]]
     act: Callable[[Tensor], Tensor]
     window: int | None  # sliding window (keys with q_pos - k_pos < window are visible) or None
-    k_flat: Tensor  # KV cache of this layer as [num_blocks * block_size, kv_heads, head_dim]
+    k_cache: Tensor  # KV cache of this layer [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: Tensor
+    k_flat: Tensor  # the same as [num_blocks * block_size, kv_heads, head_dim]
     v_flat: Tensor
 
 
@@ -61,8 +63,8 @@ class StepInputs:
     bounds: list[tuple[int, int]] | None = None
     prefill_masks: dict[int, list[Tensor | None]] | None = None  # window -> per sequence [n, n] or None (causal)
     # decode: the flat slots of each row's whole context, and which of them each row may see
-    gather_index: Tensor | None = None  # [B * L] (index_select on flat slots is ~5x faster than x[idx2d])
-    decode_masks: dict[int | None, Tensor] | None = None  # window -> [B, 1, 1, L] bool
+    block_index: Tensor | None = None  # [B * max_blocks] cache blocks of each row, zero-padded
+    decode_masks: dict[int | None, Tensor] | None = None  # window -> [B, 1, 1, max_blocks * block_size] bool
 
 
 def _window(config, layer_idx: int) -> int | None:
@@ -98,6 +100,7 @@ class ModelRunner:
                 input_norm=layer.input_layernorm.weight.data, post_norm=layer.post_attention_layernorm.weight.data,
                 linear={name: (m.weight.data, _data(m.bias)) for name, m in linears.items()},
                 act=mlp.act_fn, window=_window(config, i),
+                k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
                 k_flat=kv_cache.k[i].view(-1, self.num_kv_heads, self.head_dim),
                 v_flat=kv_cache.v[i].view(-1, self.num_kv_heads, self.head_dim),
             ))
@@ -176,11 +179,10 @@ class ModelRunner:
         for row, i in enumerate(order):
             last[i] = row
         slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(packed, lens)]
-        # [B, max_blocks] -> [B, L] flat slots; positions past a row's length point at block 0 and are masked
-        table_t = torch.tensor(tables, dtype=torch.long)
-        gather = (table_t[:, :, None] * bs + torch.arange(bs)).view(len(packed), -1)[:, :ctx].reshape(-1)
+        # whole blocks are gathered (one 12 KB row each for SmolLM2, not one per token); positions
+        # past a row's length (the rest of its last block, padding blocks) are masked
         lens_t = torch.tensor(lens, dtype=torch.long)[:, None]  # [B, 1]
-        pos = torch.arange(ctx)[None, :]  # [1, L]
+        pos = torch.arange(max_blocks * bs)[None, :]  # [1, L]
         visible = pos < lens_t
         masks: dict[int | None, Tensor] = {None: visible[:, None, None, :].to(self.device, non_blocking=True)}
         for w in self.windows:
@@ -189,7 +191,7 @@ class ModelRunner:
             input_ids=self._tensor([s.token_ids[-1] for s in packed]), positions=self._tensor([n - 1 for n in lens]),
             slot_mapping=self._tensor(slots), last_index=self._tensor(last),
             lora=self._lora_batch(seg_rows, seg_slots),
-            gather_index=gather.to(self.device, non_blocking=True), decode_masks=masks,
+            block_index=self._tensor([b for t in tables for b in t]), decode_masks=masks,
         )
 
     # ---- forward -------------------------------------------------------------------------------
@@ -257,8 +259,8 @@ class ModelRunner:
         one KV head form the query "length" axis ([B, KV, H/KV, D]), so no K/V repeat is needed."""
         b = q.shape[0]
         shape = (b, -1, self.num_kv_heads, self.head_dim)  # [B, L, KV, D]
-        k = layer.k_flat.index_select(0, step.gather_index).view(shape).transpose(1, 2)  # [B, KV, L, D]
-        v = layer.v_flat.index_select(0, step.gather_index).view(shape).transpose(1, 2)
+        k = layer.k_cache.index_select(0, step.block_index).view(shape).transpose(1, 2)  # [B, KV, L, D]
+        v = layer.v_cache.index_select(0, step.block_index).view(shape).transpose(1, 2)
         q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, KV, G, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_masks[layer.window], scale=self.scaling)
         return out.reshape(b, -1)

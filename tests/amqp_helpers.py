@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -40,7 +41,7 @@ async def affinity_available() -> bool:
         await channel.declare_exchange(name, "x-consistent-hash", auto_delete=True)
         await channel.exchange_delete(name)
         return True
-    except aio_pika.exceptions.ConnectionCommandInvalid:  # unknown exchange type
+    except aiormq.exceptions.ConnectionCommandInvalid:  # unknown exchange type
         return False
     finally:
         await connection.close()

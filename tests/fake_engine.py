@@ -69,13 +69,13 @@ class FakeEngine:
         self._thread.start()
 
     # ---- the engine surface ----
-    def submit(self, request: GenerationRequest, on_token: OnToken | None,
-               on_finish: OnFinish) -> None:
-        adapter_id = request.adapter.id if request.adapter else None
-        run = _Run(request, on_token, on_finish, full_output(adapter_id, prompt_text(request)))
+    def submit_many(self, jobs: list[tuple[GenerationRequest, OnToken | None, OnFinish]]) -> None:
+        runs = [_Run(request, on_token, on_finish,
+                     full_output(request.adapter.id if request.adapter else None, prompt_text(request)))
+                for request, on_token, on_finish in jobs]
         with self._lock:
-            self.submitted.append(request.id)
-            self._waiting.append(run)
+            self.submitted.extend(run.request.id for run in runs)
+            self._waiting.extend(runs)
         self._wake.set()
 
     def prefetch(self, adapter: AdapterRef) -> None:

@@ -338,6 +338,21 @@ def test_changed_files_reloaded(tmp_path, monkeypatch):
     store.prefetch(ref)  # unchanged files: no reload
     time.sleep(0.2)
     assert store.stats()["loads"] == 2
+    store.unwant(ref)
+    store.close()
+
+
+def test_unchanged_local_files_checked_inline(tmp_path, monkeypatch):
+    """A due re-check of local files is a stat done at once: the adapter stays ready, so a group of
+    requests for resident adapters is admitted in one step, not as the checks come back."""
+    monkeypatch.setattr(adapter_store, "REVALIDATE_S", 0.0)
+    write_adapter(tmp_path / "a")
+    store = make_store(tmp_path)
+    ref = AdapterRef("a")
+    wait_ready(store, ref)
+    for _ in range(3):
+        assert store.poll(ref) == "ready"
+    assert store.stats()["loads"] == 1 and store.stats()["loading"] == 0
     store.close()
 
 

@@ -43,6 +43,8 @@ LAYOUTS = {
     "decode_gaps": ([1] * 6, [0, -1, 1, -1, 2, 3]),
     "decode_grouped": ([2, 1, 3, 1, 5], [-1, 0, 1, 3, 2]),
     "prefill": ([20, 9, 13, 8], [1, -1, 3, 0]),
+    "prefill_equal": ([3, 7, 7, 7], [-1, 2, 0, 1]),
+    "prefill_unequal": ([4, 9, 6, 5], [-1, 1, 0, 3]),
     "mixed": ([17, 1, 1, 3, 12, 1], [2, 3, -1, 1, 4, 0]),
     "base_only": ([4, 2], [-1, -1]),
     "one_long": ([30], [3]),
@@ -85,14 +87,19 @@ def test_op_matches_reference(dtype, layout):
                     assert torch.equal(y[base_rows], y0[base_rows]), "base-only rows must not change"
 
 
-@pytest.mark.parametrize("layout,alone", [("decode_distinct", 0), ("decode_grouped", 0), ("prefill", 0),
-                                          ("mixed", 2), ("one_long", 0), ("base_only", 0)])
-def test_path_choice(layout, alone):
-    """Padded bmm unless padding to the longest segment would more than double the work."""
+@pytest.mark.parametrize("layout,alone,padded,scattered", [
+    ("decode_distinct", 0, False, False), ("decode_grouped", 0, True, False), ("prefill", 0, True, True),
+    ("prefill_equal", 0, False, False), ("prefill_unequal", 0, True, False), ("mixed", 2, True, True),
+    ("one_long", 0, False, False), ("base_only", 0, False, False)])
+def test_path_choice(layout, alone, padded, scattered):
+    """Padded bmm unless padding to the longest segment would more than double the work; no
+    gather when the segments are consecutive and of one length, no scatter when consecutive."""
     op = TorchLoraOp(filled_slots(make_spec(), torch.float32))
     batch = op.prepare(*LAYOUTS[layout])
     assert len(batch.long) == alone
     assert (batch.short_rank > 0) == (layout != "base_only")
+    assert (batch.gather is not None) == padded
+    assert (batch.scatter is not None) == scattered
 
 
 def test_ranks_and_lazy_allocation():
