@@ -44,6 +44,8 @@ START_TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 600.0
 TARGET_OVERHEAD_MS = 5.0  # issue 3: the broker path adds < 5 ms p50 ...
 TARGET_RATIO = 0.95  # ... and keeps >= 95% of the engine's throughput
+FLOOR_PER_JOB = 3  # broker-floor round trips after each serial job
+FLOOR_IDLE_S = 0.2  # idle before each, as a worker is between serial jobs
 
 
 @dataclass
@@ -174,10 +176,79 @@ async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_t
                [r.generated_text for r in results])
 
 
+async def echo_responder(url: str, queue: str) -> None:
+    """The other end of `BrokerFloor` (run as its own process): answer each job at once."""
+    import aio_pika
+
+    async with await aio_pika.connect_robust(url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        jobs = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+        async def answer(message) -> None:
+            await channel.default_exchange.publish(
+                aio_pika.Message(message.body, correlation_id=message.correlation_id),
+                routing_key=message.reply_to, mandatory=True)
+            await message.ack()
+
+        await jobs.consume(answer)
+        await asyncio.Future()  # until killed
+
+
+class BrokerFloor:
+    """Round trips of a tiny job through a throwaway quorum queue to a bare aio-pika echo in
+    another process and back through a reply queue, confirms on both legs: what any worker pays
+    on this broker, protocol and machine (the quorum queue commits each job before delivering it;
+    idle processes take time to wake). Taken between the serial jobs, under the same conditions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.queue = f"loraq-bench-floor-{uuid.uuid4().hex[:8]}"
+        self.round_trips_ms: list[float] = []
+        self._waiting: dict[str, asyncio.Future] = {}
+
+    async def __aenter__(self) -> "BrokerFloor":
+        import aio_pika
+
+        self._responder = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "consumer.bench_e2e", "--echo-queue", self.queue, "--amqp-url", self.url)
+        self._connection = await aio_pika.connect_robust(self.url)
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._replies = await self._channel.declare_queue(exclusive=True)
+        await self._replies.consume(
+            lambda m: self._waiting.pop(m.correlation_id).set_result(time.perf_counter()), no_ack=True)
+        while True:  # until the responder has declared its queue
+            try:
+                await (await self._connection.channel()).declare_queue(self.queue, passive=True)
+                return self
+            except aio_pika.exceptions.ChannelClosed:
+                await asyncio.sleep(0.2)
+
+    async def round_trip(self) -> None:
+        import aio_pika
+
+        cid = uuid.uuid4().hex
+        self._waiting[cid] = asyncio.get_running_loop().create_future()
+        start = time.perf_counter()
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(b"{}", correlation_id=cid, reply_to=self._replies.name,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=self.queue)
+        self.round_trips_ms.append((await asyncio.wait_for(self._waiting[cid], JOB_TIMEOUT_S) - start) * 1000)
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self._channel.queue_delete(self.queue)
+            await self._connection.close()
+        finally:
+            self._responder.kill()
+            await self._responder.wait()
+
+
 async def measure(engine, url: str, topology: Topology, warmup: list, burst: list,
-                  serial: list, new_tokens: int, repeats: int) -> dict[tuple[str, str], Run]:
+                  serial: list, new_tokens: int,
+                  repeats: int) -> tuple[dict[tuple[str, str], Run], list[float]]:
     """Both paths, interleaved so that drifting background load hits both alike: bursts
-    alternate which path goes first, serial jobs alternate path job by job."""
+    alternate which path goes first, serial jobs alternate path job by job, each pair followed by
+    a few `BrokerFloor` round trips."""
 
     def on_engine(jobs: list, tokens: int):
         return asyncio.to_thread(engine_burst, engine, jobs, tokens)
@@ -192,11 +263,16 @@ async def measure(engine, url: str, topology: Topology, warmup: list, burst: lis
                              else broker_burst(client, burst, new_tokens))
                 bursts[path].append(run)
         serials: dict[str, list[Run]] = {"engine": [], "rabbitmq": []}
-        for job in serial:
-            serials["engine"].append(await on_engine([job], new_tokens))
-            serials["rabbitmq"].append(await broker_burst(client, [job], new_tokens))
+        async with BrokerFloor(url) as floor:
+            for job in serial:
+                serials["engine"].append(await on_engine([job], new_tokens))
+                serials["rabbitmq"].append(await broker_burst(client, [job], new_tokens))
+                for _ in range(FLOOR_PER_JOB):
+                    await asyncio.sleep(FLOOR_IDLE_S)
+                    await floor.round_trip()
     return {**{(path, "burst"): Run.combine(runs, "burst") for path, runs in bursts.items()},
-            **{(path, "serial"): Run.combine(runs, "serial") for path, runs in serials.items()}}
+            **{(path, "serial"): Run.combine(runs, "serial") for path, runs in serials.items()}}, \
+        floor.round_trips_ms
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -207,7 +283,7 @@ def overhead_p50(run: Run) -> float:
 
 
 def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
-           runs: dict[tuple[str, str], Run]) -> tuple[str, dict]:
+           runs: dict[tuple[str, str], Run], floor: list[float]) -> tuple[str, dict]:
     """The printed table and the JSON numbers."""
     import torch
 
@@ -225,6 +301,7 @@ def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
         "serial_p50_transport_ms": percentile(serial_r.outside_ms, 50),
         "serial_p50_queue_added_ms": percentile(serial_r.queue_ms, 50)
         - percentile(serial_e.queue_ms, 50),
+        "broker_floor_p50_ms": percentile(floor, 50),
         "identical_texts_burst": f"{same_burst}/{len(burst_e.texts)}",
         "identical_texts_serial": f"{same_serial}/{len(serial_e.texts)}",
     }
@@ -252,6 +329,9 @@ def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
         f"(transport {s['serial_p50_transport_ms']:.1f} ms, queue "
         f"{s['serial_p50_queue_added_ms']:+.1f} ms)   "
         f"[target < {TARGET_OVERHEAD_MS:g} ms: {'met' if over < TARGET_OVERHEAD_MS else 'missed'}]",
+        f"  the broker's own round trip, p50 of {len(floor)} (a bare aio-pika echo in another "
+        f"process, quorum queue, confirms): {s['broker_floor_p50_ms']:.1f} ms; loraq's own share: "
+        f"{over - s['broker_floor_p50_ms']:+.1f} ms",
         f"time outside the engine in the burst, p50: {percentile(burst_r.outside_ms, 50):.1f} ms "
         f"(replies published while the batch runs)",
         f"p50 latency difference (includes compute noise): one at a time "
@@ -274,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--jobs", type=int, default=64, help="jobs in the burst")
     ap.add_argument("--repeats", type=int, default=2, help="bursts per path (interleaved)")
-    ap.add_argument("--serial-jobs", type=int, default=8, help="jobs run one at a time per path")
+    ap.add_argument("--serial-jobs", type=int, default=16, help="jobs run one at a time per path")
     ap.add_argument("--prompt-tokens", type=int, default=70)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8, help="distinct random adapters (+ base)")
@@ -285,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     ap.add_argument("--json", dest="json_out", metavar="FILE",
                     help="also write the numbers as JSON to FILE ('-': stdout)")
+    ap.add_argument("--echo-queue", help=argparse.SUPPRESS)  # internal: the BrokerFloor responder
     args = ap.parse_args(argv)
+    if args.echo_queue:
+        asyncio.run(echo_responder(args.amqp_url, args.echo_queue))
+        return 0
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
 
     from engine.bench import make_prompts, write_random_adapter
@@ -328,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         ready_s = asyncio.run(worker.wait_healthy(START_TIMEOUT_S))
         print(f"worker healthy after {ready_s:.1f} s", file=sys.stderr, flush=True)
         print("measuring both paths, interleaved ...", file=sys.stderr, flush=True)
-        runs = asyncio.run(measure(engine, args.amqp_url, topology, warmup, burst, serial,
-                                   args.new_tokens, args.repeats))
+        runs, floor = asyncio.run(measure(engine, args.amqp_url, topology, warmup, burst, serial,
+                                          args.new_tokens, args.repeats))
         device = str(engine.model.device)
         ok = True
     finally:
@@ -342,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worker exited with code {code}; its log ({worker.log_path}) ends:\n"
                   f"{worker.log_tail()}", file=sys.stderr)
 
-    table, numbers = report(args, settings, device, runs)
+    table, numbers = report(args, settings, device, runs, floor)
     # with --json -: stdout is the JSON alone, the table goes to stderr
     print(f"\n{table}", file=sys.stderr if args.json_out == "-" else sys.stdout)
     if args.json_out == "-":

@@ -86,7 +86,9 @@ def test_bench_report_compares_the_paths() -> None:
             for p in ("engine", "rabbitmq") for load in ("burst", "serial")}
     args = argparse.Namespace(jobs=2, adapters=1, rank=4, targets="q_proj", prompt_tokens=70,
                               new_tokens=4, json_out=None)
-    table, numbers = report(args, WorkerSettings(), "cpu", runs)
+    table, numbers = report(args, WorkerSettings(), "cpu", runs, [2.0, 2.5, 9.0])
     assert numbers["summary"]["serial_p50_overhead_ms"] == 3.0
+    assert numbers["summary"]["broker_floor_p50_ms"] == 2.5
+    assert "loraq's own share: +0.5 ms" in table
     assert numbers["summary"]["identical_texts_burst"] == "1/2"
     assert "[target < 5 ms: met]" in table and "[target >= 0.95: met]" in table

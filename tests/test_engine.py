@@ -529,6 +529,32 @@ def test_mixed_adapters_greedy_match_peft(arch, make_engine, peft_setup):
     assert stats["adapters"]["device"]["pinned"] == 0 and stats["kv_blocks_used"] == 0
 
 
+def test_group_submitted_together_shares_one_prefill(make_engine, peft_setup):
+    """submit_many: the step thread takes in the whole group before its next step, so requests
+    for resident adapters and base rows are prefilled in one step instead of racing the loop."""
+    root, _ = peft_setup("llama")
+    engine = make_engine("llama", adapter_root=str(root), adapter_device_slots=8, max_lora_rank=32)
+
+    def group(tag: str) -> list[GenerationRequest]:
+        return [GenerationRequest(id=f"{tag}{i}", prompt_token_ids=prompt_ids(6 + i, seed=700 + i),
+                                  params=greedy(1), adapter=AdapterRef(a) if a else None)
+                for i, a in enumerate([None, *ADAPTERS])]
+
+    run_requests(engine, group("warm-"), timeout=60)  # every adapter loaded into a device slot
+    steps = engine.num_steps
+    requests, outcomes, done = group("g-"), {}, threading.Event()
+
+    def finish(outcome) -> None:
+        outcomes[outcome.request_id] = outcome
+        if len(outcomes) == len(requests):
+            done.set()
+
+    engine.submit_many([(r, None, finish) for r in requests])
+    assert done.wait(60)
+    assert all(isinstance(o, GenerationResult) for o in outcomes.values())
+    assert engine.num_steps - steps == 1  # one prefill step sampled every request's only token
+
+
 def test_bad_adapter_fails_its_own_requests_only(make_engine, peft_setup):
     root, _ = peft_setup("llama")
     engine = make_engine("llama", adapter_root=str(root))
