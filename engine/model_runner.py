@@ -62,7 +62,7 @@ class StepInputs:
     # prefill: (start, end) of each sequence in the packed tokens, and its mask per window
     bounds: list[tuple[int, int]] | None = None
     prefill_masks: dict[int, list[Tensor | None]] | None = None  # window -> per sequence [n, n] or None (causal)
-    # decode: the flat slots of each row's whole context, and which of them each row may see
+    # decode: the cache blocks of each row's whole context, and which of their positions it may see
     block_index: Tensor | None = None  # [B * max_blocks] cache blocks of each row, zero-padded
     decode_masks: dict[int | None, Tensor] | None = None  # window -> [B, 1, 1, max_blocks * block_size] bool
 
