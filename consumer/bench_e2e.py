@@ -214,14 +214,16 @@ class BrokerFloor:
         self._connection = await aio_pika.connect_robust(self.url)
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._replies = await self._channel.declare_queue(exclusive=True)
-        await self._replies.consume(
-            lambda m: self._waiting.pop(m.correlation_id).set_result(time.perf_counter()), no_ack=True)
+        await self._replies.consume(self._on_reply, no_ack=True)
         while True:  # until the responder has declared its queue
             try:
                 await (await self._connection.channel()).declare_queue(self.queue, passive=True)
                 return self
             except aio_pika.exceptions.ChannelClosed:
                 await asyncio.sleep(0.2)
+
+    async def _on_reply(self, message) -> None:
+        self._waiting.pop(message.correlation_id).set_result(time.perf_counter())
 
     async def round_trip(self) -> None:
         import aio_pika

@@ -92,3 +92,25 @@ def test_bench_report_compares_the_paths() -> None:
     assert "loraq's own share: +0.5 ms" in table
     assert numbers["summary"]["identical_texts_burst"] == "1/2"
     assert "[target < 5 ms: met]" in table and "[target >= 0.95: met]" in table
+
+
+async def test_broker_floor_echo_round_trips() -> None:
+    """The e2e bench's broker floor: a bare echo in another process answers through a quorum
+    queue, and its queue is gone afterwards."""
+    import aio_pika
+
+    from consumer.bench_e2e import BrokerFloor
+    from tests.amqp_helpers import AMQP_URL
+
+    async with BrokerFloor(AMQP_URL) as floor:
+        for _ in range(3):
+            await floor.round_trip()
+    assert len(floor.round_trips_ms) == 3 and all(t > 0 for t in floor.round_trips_ms)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(floor.queue, passive=True)
+            raise AssertionError(f"{floor.queue} outlived the bench")
+        except aio_pika.exceptions.ChannelClosed:
+            pass
