@@ -17,6 +17,8 @@ from typing import Any
 
 import msgpack
 
+from engine.request import ErrorType
+
 PROTOCOL_VERSION = 1
 
 MSGPACK = "application/msgpack"
@@ -37,16 +39,15 @@ HEADER_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redeliveri
 HEADER_ADAPTER_ID = "x-adapter-id"  # the job's adapter id: what adapter affinity hashes on
 HEADER_DEATHS = "x-death"  # set by RabbitMQ on dead-lettered messages
 
-# error_type values (the same strings as engine.request.ErrorType; no import: the client is torch-free)
-VALIDATION = "validation"
-ADAPTER_NOT_FOUND = "adapter_not_found"
-ADAPTER_INVALID = "adapter_invalid"
-PROMPT_TOO_LONG = "prompt_too_long"
-DEADLINE_EXCEEDED = "deadline_exceeded"
-OVERLOADED = "overloaded"
-INTERNAL = "internal"
-ERROR_TYPES = (VALIDATION, ADAPTER_NOT_FOUND, ADAPTER_INVALID, PROMPT_TOO_LONG, DEADLINE_EXCEEDED,
-               OVERLOADED, INTERNAL)
+# error_type values: the engine's ErrorType (engine.request imports no torch, like this module)
+VALIDATION = ErrorType.VALIDATION.value
+ADAPTER_NOT_FOUND = ErrorType.ADAPTER_NOT_FOUND.value
+ADAPTER_INVALID = ErrorType.ADAPTER_INVALID.value
+PROMPT_TOO_LONG = ErrorType.PROMPT_TOO_LONG.value
+DEADLINE_EXCEEDED = ErrorType.DEADLINE_EXCEEDED.value
+OVERLOADED = ErrorType.OVERLOADED.value
+INTERNAL = ErrorType.INTERNAL.value
+ERROR_TYPES = tuple(e.value for e in ErrorType)
 
 ROLES = ("system", "user", "assistant")
 ADAPTER_SOURCES = ("local", "hub")
