@@ -34,6 +34,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
+import aio_pika
+
 from consumer.client import DEFAULT_AMQP_URL, Client
 from consumer.demo import WorkerProcess, delete_topology, free_port, topology_args
 from consumer.logging import configure_logging
@@ -178,8 +180,6 @@ async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_t
 
 async def echo_responder(url: str, queue: str) -> None:
     """The other end of `BrokerFloor` (run as its own process): answer each job at once."""
-    import aio_pika
-
     async with await aio_pika.connect_robust(url) as connection:
         channel = await connection.channel(publisher_confirms=True)
         jobs = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
@@ -207,8 +207,6 @@ class BrokerFloor:
         self._waiting: dict[str, asyncio.Future] = {}
 
     async def __aenter__(self) -> "BrokerFloor":
-        import aio_pika
-
         self._responder = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "consumer.bench_e2e", "--echo-queue", self.queue, "--amqp-url", self.url)
         self._connection = await aio_pika.connect_robust(self.url)
@@ -226,8 +224,6 @@ class BrokerFloor:
         self._waiting.pop(message.correlation_id).set_result(time.perf_counter())
 
     async def round_trip(self) -> None:
-        import aio_pika
-
         cid = uuid.uuid4().hex
         self._waiting[cid] = asyncio.get_running_loop().create_future()
         start = time.perf_counter()

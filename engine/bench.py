@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", dest="json_out", help="also write the numbers to this file")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     # the engine's per-request events would drown the table; progress lines are printed instead
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     cold_s, _ = run_engine(engine, prompts, 2, names)
     run_engine(engine, prompts, 2, [None] * n)
 
-    systems = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n)[0],
-               "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)[0]}
+    # each system: () -> (seconds, outputs); the last outputs of (b) and (d) are compared
+    systems = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n),
+               "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)}
     peft_model, pad = None, None
     if not args.skip_hf:
         import copy
@@ -170,22 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"PEFT: {n} adapters loaded in {time.perf_counter() - t0:.1f} s")
         hf_generate(hf, prompts[:2], 2, pad)  # warm-up
         hf_generate(peft_model, prompts[:2], 2, pad, adapter_names=names[:2])
-        systems["c_hf_generate_base"] = lambda: hf_generate(hf, prompts, new, pad)[0]
-        systems["d_peft_mixed_batch"] = lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names)[0]
+        systems["c_hf_generate_base"] = lambda: hf_generate(hf, prompts, new, pad)
+        systems["d_peft_mixed_batch"] = lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names)
 
     # every system once per repeat, in turn, so that the machine's background load hits all alike
     times: dict[str, list[float]] = {key: [] for key in systems}
+    outputs: dict[str, list] = {}
     for rep in range(args.repeats):
         for key, run in systems.items():
-            times[key].append(run())
+            seconds, outputs[key] = run()
+            times[key].append(seconds)
         progress(f"repeat {rep}: " + ", ".join(f"{key.split('_')[0]} {t[-1]:.2f} s" for key, t in times.items()))
     tps = {key: total_tokens / statistics.median(t) for key, t in times.items()}
 
     agreement = None
     if peft_model is not None:
-        _, res_b = run_engine(engine, prompts, new, names)
-        _, ids_d = hf_generate(peft_model, prompts, new, pad, adapter_names=names)
-        agreement = sum(list(r.token_ids) == d for r, d in zip(res_b, ids_d)) / n
+        agreement = sum(list(r.token_ids) == d for r, d in
+                        zip(outputs["b_loraq_adapters"], outputs["d_peft_mixed_batch"])) / n
         k = min(args.peft_serial, n)
         t_e = 0.0
         for i in range(k):
