@@ -46,8 +46,6 @@ class _Layer:
     window: int | None  # sliding window (keys with q_pos - k_pos < window are visible) or None
     k_cache: Tensor  # KV cache of this layer [num_blocks, block_size, kv_heads, head_dim]
     v_cache: Tensor
-    k_flat: Tensor  # the same as [num_blocks * block_size, kv_heads, head_dim]
-    v_flat: Tensor
 
 
 @dataclass
@@ -101,8 +99,6 @@ class ModelRunner:
                 linear={name: (m.weight.data, _data(m.bias)) for name, m in linears.items()},
                 act=mlp.act_fn, window=_window(config, i),
                 k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
-                k_flat=kv_cache.k[i].view(-1, self.num_kv_heads, self.head_dim),
-                v_flat=kv_cache.v[i].view(-1, self.num_kv_heads, self.head_dim),
             ))
         self.windows = sorted({l.window for l in self.layers if l.window is not None})
 
@@ -213,8 +209,8 @@ class ModelRunner:
             k = self._project(x, layer, i, "k_proj", step.lora).view(-1, self.num_kv_heads, self.head_dim)  # [T, KV, D]
             v = self._project(x, layer, i, "v_proj", step.lora).view(-1, self.num_kv_heads, self.head_dim)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            layer.k_flat.index_copy_(0, step.slot_mapping, k)
-            layer.v_flat.index_copy_(0, step.slot_mapping, v)
+            layer.k_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, k)  # flat slot = block * size + offset
+            layer.v_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, v)
             if step.bounds is not None:
                 o = self._prefill_attention(q, k, v, step, layer.window)
             else:
