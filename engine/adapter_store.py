@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import structlog
+from threadpoolctl import threadpool_limits
 
 from engine.adapter import AdapterWeights, load_peft_adapter
 from engine.adapter_source import AdapterSource, HubSource, LocalSource
@@ -102,6 +103,17 @@ class _Tier:
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions}
 
 
+def _single_threaded_torch() -> None:
+    """Loader threads run torch ops on themselves alone. A loader that ran a parallel op would keep
+    an OpenMP pool of its own, and with more OpenMP threads than cores libgomp stops spinning in
+    every pool: the engine's decode steps would slow ~1.5x (see `Engine.__init__`). The limit
+    (omp_set_num_threads) holds for the calling thread only."""
+    import torch
+
+    torch.get_num_threads()  # torch's once-per-thread init first: it would reset the limit later
+    threadpool_limits(1, user_api="openmp")
+
+
 class AdapterStore:
     def __init__(self, config: EngineConfig, spec: ModelSpec, slots: LoraSlots,
                  sources: dict[str, AdapterSource] | None = None,
@@ -116,7 +128,8 @@ class AdapterStore:
                 sources["hub"] = HubSource(config.adapter_disk_dir, config.hub_allow_orgs, config.allow_pickle)
         self.sources = sources
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="adapter-load",
+                                        initializer=_single_threaded_torch)
         self._adapters: dict[str, _Adapter] = {}
         self._host_lru: OrderedDict[str, None] = OrderedDict()  # keys with weights, oldest first
         self._host_bytes = 0

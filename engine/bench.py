@@ -19,7 +19,10 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import torch
@@ -28,10 +31,12 @@ from safetensors.torch import save_file
 from engine.config import EngineConfig
 from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
 
+T = TypeVar("T")
 
 
 def progress(message: str) -> None:
     print(f"[bench engine {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
 
 SEED_TEXT = (
     "The quarterly report covers revenue, churn and support tickets for every region. "
@@ -95,6 +100,29 @@ def run_engine(engine, prompts: list[list[int]], new_tokens: int,
     return elapsed, ordered
 
 
+def on_own_thread(fn: Callable[[], T]) -> T:
+    """fn() on a new thread that ends with it. A thread that ran a parallel torch op keeps an
+    OpenMP pool until it ends, and with more OpenMP threads than cores libgomp stops spinning in
+    every pool, slowing small ops ~1.5x (see `Engine.__init__`). So the main thread runs no torch
+    op, transformers runs on threads that end with each run, and the engine is down meanwhile:
+    every system has the cores to itself, as it would in production."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+def load_peft(hf, root: Path, names: list[str]):
+    """A PeftModel with every adapter, on a copy of the model (PEFT wraps layers in place, and (c)
+    runs the plain model)."""
+    import copy
+
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(root / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(root / name), adapter_name=name)
+    return peft_model.eval()
+
+
 def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, **kw) -> tuple[float, list[list[int]]]:
     """transformers `generate` on a left-padded static batch; seconds and new token ids per row."""
     width = max(len(p) for p in prompts)
@@ -140,49 +168,56 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch_size=n, adapter_device_slots=max(n, 1), max_lora_rank=args.rank)
     progress(f"loading {args.model} ...")
     engine = Engine(config)
-    spec, tok = engine.spec, engine.tokenizer
+    model, spec, tok = engine.model, engine.spec, engine.tokenizer
     prompts = make_prompts(tok, n, args.prompt_tokens)
     names = [f"bench/a{i:03d}" for i in range(n)]
-    for i, name in enumerate(names):
-        write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank, targets, i,
-                             spec.base_model_name)
+    on_own_thread(lambda: [write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank,
+                                                targets, i, spec.base_model_name) for i, name in enumerate(names)])
     progress(f"wrote {n} random rank-{args.rank} adapters on {','.join(targets)}")
 
-    # warm-up: first-call overheads and adapter loads (source -> host -> device slots) off the clock
-    progress("warm-up (cold adapter loads, first calls)")
-    cold_s, _ = run_engine(engine, prompts, 2, names)
-    run_engine(engine, prompts, 2, [None] * n)
+    def warm_up(engine) -> float:
+        """First-call overheads and the adapter loads (source -> host -> device slots), off the clock."""
+        cold_s, _ = run_engine(engine, prompts, 2, names)
+        run_engine(engine, prompts, 2, [None] * n)
+        return cold_s
 
+    progress("warm-up (cold adapter loads, first calls)")
+    cold_s = warm_up(engine)
     # each system: () -> (seconds, outputs); the last outputs of (b) and (d) are compared
-    systems = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n),
-               "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)}
+    loraq = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n),
+             "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)}
+    hf_systems = {}
     peft_model, pad = None, None
     if not args.skip_hf:
-        import copy
-
-        from peft import PeftModel
-
-        hf = engine.model.hf_model  # the weights the engine runs on, as transformers runs them
+        hf = model.hf_model  # the weights the engine runs on, as transformers runs them
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         t0 = time.perf_counter()
-        # PEFT wraps its model's layers in place: give it a copy, so (c) runs the plain model
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(root / names[0]), adapter_name=names[0])
-        for name in names[1:]:
-            peft_model.load_adapter(str(root / name), adapter_name=name)
-        peft_model.eval()
+        peft_model = on_own_thread(lambda: load_peft(hf, root, names))
         progress(f"PEFT: {n} adapters loaded in {time.perf_counter() - t0:.1f} s")
-        hf_generate(hf, prompts[:2], 2, pad)  # warm-up
-        hf_generate(peft_model, prompts[:2], 2, pad, adapter_names=names[:2])
-        systems["c_hf_generate_base"] = lambda: hf_generate(hf, prompts, new, pad)
-        systems["d_peft_mixed_batch"] = lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names)
+        on_own_thread(lambda: (hf_generate(hf, prompts[:2], 2, pad),  # warm-up
+                               hf_generate(peft_model, prompts[:2], 2, pad, adapter_names=names[:2])))
+        hf_systems["c_hf_generate_base"] = lambda: on_own_thread(lambda: hf_generate(hf, prompts, new, pad))
+        hf_systems["d_peft_mixed_batch"] = lambda: on_own_thread(
+            lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names))
 
-    # every system once per repeat, in turn, so that the machine's background load hits all alike
-    times: dict[str, list[float]] = {key: [] for key in systems}
+    # every system once per repeat, in turn, so that the machine's background load hits all alike;
+    # the engine is down while transformers runs (see on_own_thread) and restarted, warm, after
+    times: dict[str, list[float]] = {key: [] for key in [*loraq, *hf_systems]}
     outputs: dict[str, list] = {}
     for rep in range(args.repeats):
-        for key, run in systems.items():
+        if engine is None:
+            engine = Engine(config, model=model)
+            warm_up(engine)
+        for key, run in loraq.items():
             seconds, outputs[key] = run()
             times[key].append(seconds)
+        if hf_systems:
+            engine_stats = engine.stats()
+            engine.shutdown()
+            engine = None
+            for key, run in hf_systems.items():
+                seconds, outputs[key] = run()
+                times[key].append(seconds)
         progress(f"repeat {rep}: " + ", ".join(f"{key.split('_')[0]} {t[-1]:.2f} s" for key, t in times.items()))
     tps = {key: total_tokens / statistics.median(t) for key, t in times.items()}
 
@@ -191,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         agreement = sum(list(r.token_ids) == d for r, d in
                         zip(outputs["b_loraq_adapters"], outputs["d_peft_mixed_batch"])) / n
         k = min(args.peft_serial, n)
-        t_e = 0.0
-        for i in range(k):
-            peft_model.set_adapter(names[i])
-            t, _ = hf_generate(peft_model, prompts[i:i + 1], new, pad)
-            t_e += t
-        tps["e_peft_one_at_a_time"] = k * new / t_e
-    engine_stats = engine.stats()
-    engine.shutdown()
+
+        def one_at_a_time() -> float:
+            seconds = 0.0
+            for i in range(k):
+                peft_model.set_adapter(names[i])
+                seconds += hf_generate(peft_model, prompts[i:i + 1], new, pad)[0]
+            return seconds
+
+        tps["e_peft_one_at_a_time"] = k * new / on_own_thread(one_at_a_time)
+    if engine is not None:
+        engine_stats = engine.stats()
+        engine.shutdown()
 
     ratios = {"b/a": tps["b_loraq_adapters"] / tps["a_loraq_base"]}
     if "c_hf_generate_base" in tps:

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import structlog
 
@@ -39,9 +40,38 @@ DEADLINE_SWEEP_S = 0.1  # how often waiting requests are checked against their d
 
 class Engine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
-        """Load the model (or take an already loaded one: tests and benchmarks share it), size the
-        KV cache from its byte budget, and start the step thread."""
+        """Start the step thread and wait while it loads the model (or takes an already loaded one:
+        tests and benchmarks share it), sizes the KV cache from its byte budget and builds the rest;
+        a build error is raised here.
+
+        The step thread makes every tensor, not just runs the steps: libgomp (torch's CPU threads)
+        keeps a worker pool for each thread that ever ran a parallel op, and once the process holds
+        more of those threads than cores, every pool wakes its workers by futex instead of spinning,
+        which makes a decode step's small ops (LoRA above all) ~1.5x slower. The caller's thread
+        (an event loop's executor, say) then never starts a pool of its own."""
         self.config = config
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[str] = set()  # request ids submitted and not yet finished
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._stopping = False  # shutdown begun: admit nothing new
+        self._closed = False  # the step thread has ended (guarded by _lock)
+        self._last_sweep = 0.0
+        self.num_steps = 0
+        self.num_prefill_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_step_failures = 0
+        built: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(model, built), name="loraq-engine", daemon=True)
+        self._thread.start()
+        built.result()
+        log.info("engine_ready", kv_blocks=self.kv_cache.num_blocks, block_size=config.kv_block_size,
+                 max_model_len=self._max_model_len, max_batch_size=config.max_batch_size)
+
+    def _build(self, model: LoadedModel | None) -> None:
+        """On the step thread: the model, KV cache, adapter slots and store, runner, scheduler."""
+        config = self.config
         self.model = model or load_model(config)
         spec = self.model.spec
         hf_config = self.model.hf_model.config
@@ -57,27 +87,11 @@ class Engine:
                         model_max_len=model_len, kv_cache_bytes=config.kv_cache_bytes)
         self.slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank,
                                self.model.device, self.model.dtype)
-        self.adapter_store = AdapterStore(config, spec, self.slots,
-                                          on_settled=lambda: self._wake.set())  # loads end: poll again
         self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots))
+        self.adapter_store = AdapterStore(config, spec, self.slots,  # starts loader threads: last to fail
+                                          on_settled=lambda: self._wake.set())  # loads end: poll again
         self.scheduler = Scheduler(config, self.blocks, self.adapter_store)
         self.sampler = Sampler()
-        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._live: set[str] = set()  # request ids submitted and not yet finished
-        self._seqs: dict[str, Sequence] = {}  # engine thread only
-        self._stopping = False  # shutdown begun: admit nothing new
-        self._closed = False  # the step thread has ended (guarded by _lock)
-        self._last_sweep = 0.0
-        self.num_steps = 0
-        self.num_prefill_tokens = 0
-        self.num_generated_tokens = 0
-        self.num_step_failures = 0
-        self._thread = threading.Thread(target=self._loop, name="loraq-engine", daemon=True)
-        self._thread.start()
-        log.info("engine_ready", kv_blocks=self.kv_cache.num_blocks, block_size=config.kv_block_size,
-                 max_model_len=self._max_model_len, max_batch_size=config.max_batch_size)
 
     # ---- public surface (any thread) ------------------------------------------------------------
 
@@ -155,6 +169,15 @@ class Engine:
         self._thread.join(None if timeout is None else timeout + 5.0)
 
     # ---- the step thread ------------------------------------------------------------------------
+
+    def _run(self, model: LoadedModel | None, built: Future[None]) -> None:
+        try:
+            self._build(model)
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(None)
+        self._loop()
 
     def _loop(self) -> None:
         stop_at: float | None = None

@@ -201,6 +201,15 @@ def test_load_acquire_and_device_lru(tmp_path):
     store.close()
 
 
+def test_loader_threads_run_torch_single_threaded(tmp_path):
+    """A loader thread that ran a parallel op would keep its own OpenMP pool (see Engine.__init__)."""
+    store = make_store(tmp_path, slots=1)
+    threads = torch.get_num_threads()
+    assert store._pool.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == threads  # the limit is the loader thread's own
+    store.close()
+
+
 def test_pinned_slots_are_never_evicted(tmp_path):
     for name in "abc":
         write_adapter(tmp_path / name, seed=ord(name))

@@ -89,6 +89,37 @@ def test_loaded_model_spec(loaded_models):
     assert not model.hf_model.training
 
 
+def test_engine_thread_builds_every_tensor(tiny_model_dirs, monkeypatch):
+    """Model load and cache allocation run on the step thread, so the caller's thread never starts
+    an OpenMP pool of its own (two pools on two cores slow every decode step)."""
+    import engine.engine as engine_module
+
+    built_on = {}
+    for name in ("load_model", "KVCache", "LoraSlots"):
+        real = getattr(engine_module, name)
+
+        def record(*args, _real=real, _name=name, **kwargs):
+            built_on[_name] = threading.current_thread().name
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, name, record)
+    engine = Engine(EngineConfig(model=str(tiny_model_dirs["llama"])))
+    try:
+        assert built_on == dict.fromkeys(("load_model", "KVCache", "LoraSlots"), engine._thread.name)
+        assert engine._thread.name != threading.current_thread().name
+        run_requests(engine, [GenerationRequest(id="t", prompt="abc", params=greedy(2, ignore_eos=True))])
+    finally:
+        engine.shutdown(timeout=10)
+
+
+def test_build_error_raised_to_the_caller(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        Engine(EngineConfig(model=str(tmp_path)))
+
+
 def test_other_architectures_refused(tmp_path):
     from transformers import GPT2Config
 
