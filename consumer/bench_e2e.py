@@ -37,7 +37,7 @@ from pathlib import Path
 import aio_pika
 
 from consumer.client import DEFAULT_AMQP_URL, Client
-from consumer.demo import WorkerProcess, delete_topology, free_port, topology_args
+from consumer.demo import WorkerProcess, delete_topology, free_port
 from consumer.logging import configure_logging
 from consumer.protocol import Topology
 from consumer.settings import WorkerSettings
@@ -213,24 +213,35 @@ class BrokerFloor:
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._replies = await self._channel.declare_queue(exclusive=True)
         await self._replies.consume(self._on_reply, no_ack=True)
-        while True:  # until the responder has declared its queue
+        while True:  # until the responder's queue exists and takes jobs (a new quorum queue can nack at first)
             try:
-                await (await self._connection.channel()).declare_queue(self.queue, passive=True)
+                probe = await self._connection.channel()
+                await probe.declare_queue(self.queue, passive=True)
+                await probe.close()
+                await self._round_trip()
                 return self
-            except aio_pika.exceptions.ChannelClosed:
+            except (aio_pika.exceptions.ChannelClosed, aio_pika.exceptions.DeliveryError):
                 await asyncio.sleep(0.2)
 
     async def _on_reply(self, message) -> None:
-        self._waiting.pop(message.correlation_id).set_result(time.perf_counter())
+        waiting = self._waiting.pop(message.correlation_id, None)
+        if waiting is not None:
+            waiting.set_result(time.perf_counter())
 
-    async def round_trip(self) -> None:
+    async def _round_trip(self) -> float:
         cid = uuid.uuid4().hex
         self._waiting[cid] = asyncio.get_running_loop().create_future()
         start = time.perf_counter()
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(b"{}", correlation_id=cid, reply_to=self._replies.name,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=self.queue)
-        self.round_trips_ms.append((await asyncio.wait_for(self._waiting[cid], JOB_TIMEOUT_S) - start) * 1000)
+        try:
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(b"{}", correlation_id=cid, reply_to=self._replies.name,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=self.queue)
+            return (await asyncio.wait_for(self._waiting[cid], JOB_TIMEOUT_S) - start) * 1000
+        finally:
+            self._waiting.pop(cid, None)
+
+    async def round_trip(self) -> None:
+        self.round_trips_ms.append(await self._round_trip())
 
     async def __aexit__(self, *exc) -> None:
         try:
