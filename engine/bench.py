@@ -6,8 +6,9 @@
 (c) transformers `generate`, base, padded static batch
 (d) PEFT mixed batch (`adapter_names`) (e) PEFT one request at a time
 (a)-(d) are timed --repeats times, taking turns. Prints tokens/s for each (medians) and the ratios
-the README quotes (medians of the ratios within each repeat). Throughput counts generated tokens (every request runs
-exactly --new-tokens; EOS is ignored so all systems do the same work).
+the README quotes (medians of the ratios within each repeat). Throughput counts generated tokens
+(every request runs exactly --new-tokens; EOS is ignored so all systems do the same work). Each
+system has the cores to itself: see `on_own_thread`.
 """
 
 from __future__ import annotations
