@@ -106,7 +106,7 @@ class _Tier:
 def _single_threaded_torch() -> None:
     """Loader threads run torch ops on themselves alone. A loader that ran a parallel op would keep
     an OpenMP pool of its own, and with more OpenMP threads than cores libgomp stops spinning in
-    every pool: the engine's decode steps would slow ~1.5x (see `Engine.__init__`). The limit
+    every pool: the engine's decode steps would slow down (see `Engine.__init__`). The limit
     (omp_set_num_threads) holds for the calling thread only."""
     import torch
 

@@ -104,7 +104,7 @@ def run_engine(engine, prompts: list[list[int]], new_tokens: int,
 def on_own_thread(fn: Callable[[], T]) -> T:
     """fn() on a new thread that ends with it. A thread that ran a parallel torch op keeps an
     OpenMP pool until it ends, and with more OpenMP threads than cores libgomp stops spinning in
-    every pool, slowing small ops ~1.5x (see `Engine.__init__`). So the main thread runs no torch
+    every pool, slowing small ops (see `Engine.__init__`). So the main thread runs no torch
     op, transformers runs on threads that end with each run, and the engine is down meanwhile:
     every system has the cores to itself, as it would in production."""
     with ThreadPoolExecutor(1) as pool:
