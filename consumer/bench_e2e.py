@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
 
-    from engine.bench import make_prompts, write_random_adapter
+    from engine.bench import make_prompts, write_random_adapters
     from engine.engine import Engine
 
     configure_logging("warning")  # the in-process engine's per-request events would drown the table
@@ -408,9 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(settings.engine_config())
         spec = engine.spec
         names = [f"bench/a{i:02d}" for i in range(args.adapters)]
-        for i, name in enumerate(names):
-            write_random_adapter(root / "adapters" / name, spec.module_shapes, spec.num_layers,
-                                 args.rank, targets, i, spec.base_model_name)
+        write_random_adapters(root / "adapters", names, spec, args.rank, targets)
         tok = engine.tokenizer
         texts = [tok.decode(ids) for ids in make_prompts(tok, args.jobs, args.prompt_tokens)]
         mix = [None, *names]

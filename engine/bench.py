@@ -74,6 +74,17 @@ def write_random_adapter(out_dir: Path, module_shapes: dict[str, tuple[int, int]
     return out_dir
 
 
+def write_random_adapters(root: Path, names: list[str], spec, r: int, targets: tuple[str, ...]) -> None:
+    """`write_random_adapter` for each name (seed: its index), on a thread of its own (see
+    `on_own_thread`): the caller's thread then starts no OpenMP pool beside the engine's."""
+    def write_all() -> None:
+        for i, name in enumerate(names):
+            write_random_adapter(root / name, spec.module_shapes, spec.num_layers, r, targets, i,
+                                 spec.base_model_name)
+
+    on_own_thread(write_all)
+
+
 def run_engine(engine, prompts: list[list[int]], new_tokens: int,
                adapters: list[str | None]) -> tuple[float, list[GenerationResult]]:
     """Submit every request at once; wall seconds until the last finishes, and the results."""
@@ -172,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     model, spec, tok = engine.model, engine.spec, engine.tokenizer
     prompts = make_prompts(tok, n, args.prompt_tokens)
     names = [f"bench/a{i:03d}" for i in range(n)]
-    on_own_thread(lambda: [write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank,
-                                                targets, i, spec.base_model_name) for i, name in enumerate(names)])
+    write_random_adapters(root, names, spec, args.rank, targets)
     progress(f"wrote {n} random rank-{args.rank} adapters on {','.join(targets)}")
 
     def warm_up(engine) -> float:
