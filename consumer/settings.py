@@ -117,14 +117,14 @@ class WorkerSettings:
         extra = {} if self.adapter_disk_dir is None else {"adapter_disk_dir": self.adapter_disk_dir}
         return EngineConfig(
             model=self.model, gguf_file=self.gguf_file, revision=self.revision, dtype=self.dtype,
-            device=self.device, max_batch_size=self.max_batch,
+            device=self.device, max_batch=self.max_batch,
             max_batched_tokens=self.max_batched_tokens, max_model_len=self.max_model_len,
             kv_cache_bytes=self.kv_cache_mb * 2**20, max_new_tokens_limit=self.max_new_tokens,
             max_stop_sequences=self.max_stop_sequences, max_stop_length=self.max_stop_length,
             adapter_root=self.adapter_root, default_adapter_source=self.default_adapter_source,
             hub_enabled=self.hub_enabled, hub_allow_orgs=self.hub_allow_orgs,
             allow_pickle=self.allow_pickle, max_lora_rank=self.max_lora_rank,
-            adapter_device_slots=self.adapter_slots, adapter_host_bytes=self.adapter_host_mb * 2**20,
+            adapter_slots=self.adapter_slots, adapter_host_bytes=self.adapter_host_mb * 2**20,
             adapter_disk_bytes=self.adapter_disk_mb * 2**20, max_waiting=self.max_waiting,
             lora_backend=self.lora_backend, **extra,
         )

@@ -1,6 +1,6 @@
 """The tiered adapter cache: device slots <- host RAM <- disk cache <- source.
 
-- device: `LoraSlots`, `adapter_device_slots` adapters in the layout the op reads. A slot is
+- device: `LoraSlots`, `adapter_slots` adapters in the layout the op reads. A slot is
   pinned while requests use it (`acquire` .. `release`) and never evicted then; otherwise LRU.
 - host: validated `AdapterWeights` in RAM (pinned memory on CUDA, so host -> device copies are
   asynchronous), `adapter_host_bytes` budget (a hard limit), LRU. An entry loaded ahead of use,

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, adapter_root=str(root),
-                          max_batch_size=n, adapter_device_slots=max(n, 1), max_lora_rank=args.rank)
+                          max_batch=n, adapter_slots=max(n, 1), max_lora_rank=args.rank)
     progress(f"loading {args.model} ...")
     engine = Engine(config)
     model, spec, tok = engine.model, engine.spec, engine.tokenizer

@@ -124,7 +124,7 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
     from engine.adapter_store import AdapterStore
     from engine.lora_slots import LoraSlots
 
-    slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank, device, dtype)
+    slots = LoraSlots(spec, config.adapter_slots, config.max_lora_rank, device, dtype)
     store = AdapterStore(config, spec, slots)
     times = []
     for i, name in enumerate(names):
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = loraq.engine
         spec, tok = engine.spec, engine.tokenizer
         out["setup"].update(device=str(engine.model.device), dtype=str(engine.model.dtype),
-                            device_slots=config.adapter_device_slots, host_bytes=config.adapter_host_bytes)
+                            device_slots=config.adapter_slots, host_bytes=config.adapter_host_bytes)
 
         say(f"writing {big} + {2 * args.prefetch_requests + 1} random PEFT adapters (rank {args.rank} on "
             f"{','.join(targets)}) under {root}")

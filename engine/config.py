@@ -20,7 +20,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available else cpu
 
     # batching and KV cache
-    max_batch_size: int = 32  # running rows per step
+    max_batch: int = 32  # running rows per step
     max_batched_tokens: int = 4096  # prompt tokens per prefill step
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped at 8192)
     kv_block_size: int = 16
@@ -36,7 +36,7 @@ class EngineConfig:
     hub_allow_orgs: tuple[str, ...] = ()  # empty: any org (when hub_enabled)
     allow_pickle: bool = False  # adapter_model.bin, loaded with weights_only=True
     max_lora_rank: int = 64
-    adapter_device_slots: int = 32  # adapters resident in the layout the LoRA op reads
+    adapter_slots: int = 32  # adapters resident in the layout the LoRA op reads
     adapter_host_bytes: int = 2 * 2**30  # host RAM tier
     adapter_disk_bytes: int = 20 * 2**30  # disk cache tier (hub downloads)
     adapter_disk_dir: str = field(
@@ -55,8 +55,8 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         positive = (
-            "max_batch_size", "max_batched_tokens", "kv_block_size", "kv_cache_bytes",
-            "max_new_tokens_limit", "max_lora_rank", "adapter_device_slots", "max_waiting",
+            "max_batch", "max_batched_tokens", "kv_block_size", "kv_cache_bytes",
+            "max_new_tokens_limit", "max_lora_rank", "adapter_slots", "max_waiting",
             "adapter_time_slice_steps",
         )
         for name in positive:
@@ -70,5 +70,5 @@ class EngineConfig:
             raise ValueError("default_adapter_source must be local or hub")
         if self.adapter_host_bytes < 0 or self.adapter_disk_bytes < 0:
             raise ValueError("adapter tier budgets must be >= 0")
-        if self.adapter_max_active is not None and not 1 <= self.adapter_max_active <= self.adapter_device_slots:
-            raise ValueError("adapter_max_active must be in 1..adapter_device_slots")
+        if self.adapter_max_active is not None and not 1 <= self.adapter_max_active <= self.adapter_slots:
+            raise ValueError("adapter_max_active must be in 1..adapter_slots")

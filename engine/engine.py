@@ -68,7 +68,7 @@ class Engine:
         self._thread.start()
         built.result()
         log.info("engine_ready", kv_blocks=self.kv_cache.num_blocks, block_size=config.kv_block_size,
-                 max_model_len=self._max_model_len, max_batch_size=config.max_batch_size)
+                 max_model_len=self._max_model_len, max_batch=config.max_batch)
 
     def _build(self, model: LoadedModel | None) -> None:
         """On the step thread: the model, KV cache, adapter slots and store, runner, scheduler."""
@@ -86,7 +86,7 @@ class Engine:
         if self._max_model_len < model_len:
             log.warning("max_model_len_capped_by_kv_cache", max_model_len=self._max_model_len,
                         model_max_len=model_len, kv_cache_bytes=config.kv_cache_bytes)
-        self.slots = LoraSlots(spec, config.adapter_device_slots, config.max_lora_rank,
+        self.slots = LoraSlots(spec, config.adapter_slots, config.max_lora_rank,
                                self.model.device, self.model.dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots))
         self.adapter_store = AdapterStore(config, spec, self.slots,  # starts loader threads: last to fail

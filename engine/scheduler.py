@@ -62,9 +62,9 @@ class _Active:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, adapters: AdapterGate | None) -> None:
-        self.max_batch_size = config.max_batch_size
+        self.max_batch = config.max_batch
         self.max_batched_tokens = config.max_batched_tokens
-        self.max_active = config.adapter_max_active or config.adapter_device_slots
+        self.max_active = config.adapter_max_active or config.adapter_slots
         self.time_slice_steps = config.adapter_time_slice_steps
         self.blocks = blocks
         self.adapters = adapters
@@ -217,7 +217,7 @@ class Scheduler:
         heapq.heapify(heap)
         admitted: list[Sequence] = []
         tokens = 0
-        while heap and len(self.running) < self.max_batch_size:
+        while heap and len(self.running) < self.max_batch:
             *_, key = heapq.heappop(heap)
             if key is not None and not self._poll(key, failed):
                 continue  # loading again (e.g. evicted from host RAM), or failed: others go on

@@ -61,7 +61,7 @@ def wait_ready(store: AdapterStore, ref: AdapterRef, timeout=10.0):
 
 
 def make_store(root: Path, slots=2, sources=None, on_settled=None, **cfg) -> AdapterStore:
-    config = EngineConfig(adapter_root=str(root), adapter_device_slots=slots, max_lora_rank=8, **cfg)
+    config = EngineConfig(adapter_root=str(root), adapter_slots=slots, max_lora_rank=8, **cfg)
     return AdapterStore(config, SPEC, LoraSlots(SPEC, slots, 8, "cpu", torch.float32), sources=sources,
                         on_settled=on_settled)
 

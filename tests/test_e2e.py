@@ -54,8 +54,8 @@ def engine(tmp_path_factory):
         make_adapter(model, root / "adapters" / adapter_id, r=rank, alpha=2 * rank,
                      targets=targets, seed=seed, **extra)
     engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"),
-                                 device="cpu", dtype="float32", max_batch_size=MAX_BATCH,
-                                 adapter_device_slots=16))
+                                 device="cpu", dtype="float32", max_batch=MAX_BATCH,
+                                 adapter_slots=16))
     yield engine
     engine.shutdown(5)
 

@@ -365,7 +365,7 @@ def test_deadline_exceeded_is_never_computed(make_engine):
 
 
 def test_queue_bound_overloaded(make_engine):
-    engine = make_engine("llama", max_batch_size=1, max_waiting=1)
+    engine = make_engine("llama", max_batch=1, max_waiting=1)
     requests = [GenerationRequest(id=f"r{i}", prompt="hello", params=greedy(30, ignore_eos=True)) for i in range(6)]
     outcomes = run_requests(engine, requests)
     overloaded = [o for o in outcomes.values() if isinstance(o, GenerationFailure)]
@@ -374,7 +374,7 @@ def test_queue_bound_overloaded(make_engine):
 
 
 def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
-    engine = make_engine("llama", max_batch_size=1)
+    engine = make_engine("llama", max_batch=1)
     real_run = engine.runner.run
     calls = {"n": 0}
 
@@ -401,7 +401,7 @@ def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
 
 
 def test_shutdown_finishes_running_and_fails_waiting(make_engine):
-    engine = make_engine("llama", max_batch_size=1)
+    engine = make_engine("llama", max_batch=1)
     outcomes = {}
     lock = threading.Lock()
     started = threading.Event()
@@ -543,7 +543,7 @@ def test_mixed_adapters_greedy_match_peft(arch, make_engine, peft_setup):
     """Through the whole engine (adapter store, slots, scheduler): 8 adapters + base rows submitted
     together; every row's greedy tokens equal PEFT generating with that adapter alone."""
     root, peft = peft_setup(arch)
-    engine = make_engine(arch, adapter_root=str(root), adapter_device_slots=8, max_lora_rank=32)
+    engine = make_engine(arch, adapter_root=str(root), adapter_slots=8, max_lora_rank=32)
     requests, expected = [], {}
     for i, (adapter, n) in enumerate(_rows()):
         ids = prompt_ids(n, seed=400 + i)
@@ -564,7 +564,7 @@ def test_group_submitted_together_shares_one_prefill(make_engine, peft_setup):
     """submit_many: the step thread takes in the whole group before its next step, so requests
     for resident adapters and base rows are prefilled in one step instead of racing the loop."""
     root, _ = peft_setup("llama")
-    engine = make_engine("llama", adapter_root=str(root), adapter_device_slots=8, max_lora_rank=32)
+    engine = make_engine("llama", adapter_root=str(root), adapter_slots=8, max_lora_rank=32)
 
     def group(tag: str) -> list[GenerationRequest]:
         return [GenerationRequest(id=f"{tag}{i}", prompt_token_ids=prompt_ids(6 + i, seed=700 + i),
@@ -670,7 +670,7 @@ def test_embedded_smollm2_mixed_adapters_match_peft(tmp_path):
         torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
 
     # greedy: the whole engine, all rows submitted together
-    engine = Engine(EngineConfig(adapter_root=str(tmp_path), max_lora_rank=16, adapter_device_slots=4), model=model)
+    engine = Engine(EngineConfig(adapter_root=str(tmp_path), max_lora_rank=16, adapter_slots=4), model=model)
     try:
         outcomes = run_requests(engine, [
             GenerationRequest(id=key, prompt_token_ids=ids, params=greedy(12),

@@ -178,8 +178,8 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
     for i, name in enumerate(names):
         write_adapter(tmp_path / name, shapes, seed=i, variant=i % 3)
     budget = 32 * sum(host_bytes_of(i % 3, shapes) for i in range(n)) // n
-    engine = make_engine(adapter_root=str(tmp_path), adapter_device_slots=8, adapter_host_bytes=budget,
-                         max_batch_size=16)
+    engine = make_engine(adapter_root=str(tmp_path), adapter_slots=8, adapter_host_bytes=budget,
+                         max_batch=16)
     store = engine.adapter_store
     expected = {i: oracle.greedy(tmp_path / names[i], prompt(i), 4) for i in range(n)}
     assert len({tuple(t) for t in expected.values()}) >= 0.9 * n, "adapters must change the tokens"
@@ -239,7 +239,7 @@ def test_hot_flood_does_not_starve_cold_adapters(tmp_path, make_engine, llama, o
     cold = [f"cold{i:02d}" for i in range(20)]
     for i, name in enumerate(cold):
         write_adapter(tmp_path / name, shapes, seed=100 + i, variant=i % 3)
-    engine = make_engine(adapter_root=str(tmp_path), adapter_device_slots=4, max_batch_size=16)
+    engine = make_engine(adapter_root=str(tmp_path), adapter_slots=4, max_batch=16)
     order: list[str] = []
     reqs = [request(f"hot-{i}", "hot", i % 7, new=2) for i in range(1000)]
     reqs += [request(f"cold-{i}", name, i, new=2) for i, name in enumerate(cold)]
@@ -290,7 +290,7 @@ def test_bad_adapters_fail_their_jobs_others_flow(tmp_path, make_engine, llama, 
     bad = {"no/such/adapter": ErrorType.ADAPTER_NOT_FOUND, "corrupt": ErrorType.ADAPTER_INVALID,
            "truncated": ErrorType.ADAPTER_INVALID, "../outside/secret": ErrorType.VALIDATION,
            str(secret): ErrorType.VALIDATION, "link": ErrorType.VALIDATION}
-    engine = make_engine(adapter_root=str(root), adapter_device_slots=4)
+    engine = make_engine(adapter_root=str(root), adapter_slots=4)
     reqs, i = [], 0
     for rep in range(3):
         for name in [*bad, *good, None]:

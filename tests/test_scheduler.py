@@ -72,7 +72,7 @@ def step(sched: Scheduler) -> tuple[list[Sequence], bool, list]:
 
 
 def test_rows_limited_by_max_batch_size_and_join_every_step():
-    sched = make_scheduler(max_batch_size=3)
+    sched = make_scheduler(max_batch=3)
     seqs = [make_seq(new=2) for _ in range(5)]
     for s in seqs:
         sched.add(s)
@@ -137,7 +137,7 @@ def test_failed_adapter_fails_its_requests_only():
 
 def test_no_free_slot_waits_and_others_go_on():
     gate = FakeGate(num_slots=1)
-    sched = make_scheduler(gate, adapter_device_slots=2)
+    sched = make_scheduler(gate, adapter_slots=2)
     a, b, base = make_seq("a", new=2), make_seq("b", new=2), make_seq(None, new=2)
     for s in (a, b, base):
         sched.add(s)
@@ -164,7 +164,7 @@ def test_slots_released_on_finish_and_slot_numbers_set():
 
 def test_fair_share_one_hot_adapter_cannot_crowd_out_cold_ones():
     gate = FakeGate(num_slots=32)
-    sched = make_scheduler(gate, max_batch_size=8)
+    sched = make_scheduler(gate, max_batch=8)
     hot = [make_seq("hot") for _ in range(100)]  # all older than every cold request
     cold = [make_seq(f"cold{i}") for i in range(5)]
     for s in hot + cold:
@@ -176,7 +176,7 @@ def test_fair_share_one_hot_adapter_cannot_crowd_out_cold_ones():
 
 def test_active_adapters_bounded_and_time_slices_rotate():
     gate = FakeGate(num_slots=2)
-    sched = make_scheduler(gate, max_batch_size=4, adapter_device_slots=2, adapter_time_slice_steps=5)
+    sched = make_scheduler(gate, max_batch=4, adapter_slots=2, adapter_time_slice_steps=5)
     queues = {name: [make_seq(name, new=3) for _ in range(30)] for name in "abcd"}
     for i in range(30):
         for name in "abcd":
@@ -201,7 +201,7 @@ def test_hot_flood_cold_jobs_finish_first():
     """Issue 4's scenario: 1000 jobs for one adapter, then 20 cold adapters with one job each,
     8 device slots. Every cold job completes long before the hot queue drains."""
     gate = FakeGate(num_slots=8)
-    sched = make_scheduler(gate, max_batch_size=16, adapter_device_slots=8, adapter_time_slice_steps=16)
+    sched = make_scheduler(gate, max_batch=16, adapter_slots=8, adapter_time_slice_steps=16)
     hot = [make_seq("hot", new=4) for _ in range(1000)]
     cold = [make_seq(f"cold{i}", new=4) for i in range(20)]
     for s in hot + cold:
@@ -264,7 +264,7 @@ def test_only_the_front_of_the_rotation_is_polled():
     polled = []
     poll = gate.poll
     gate.poll = lambda ref: polled.append(ref.id) or poll(ref)
-    sched = make_scheduler(gate, adapter_device_slots=2)
+    sched = make_scheduler(gate, adapter_slots=2)
     for i in range(10):
         sched.add(make_seq(f"a{i}"))
     assert step(sched)[0] == []
