@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
+
+ARCHS = ("llama", "mistral", "qwen2")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -111,3 +114,23 @@ def hub_cache_standin(cache: Path, repo: str, commit: str, files: Path) -> Path:
     (base / "refs").mkdir(exist_ok=True)
     (base / "refs" / "main").write_text(commit)
     return snap
+
+
+def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict:
+    """Submit all requests, wait for every on_finish; request id -> outcome. Fails on a second
+    on_finish for one request."""
+    outcomes: dict = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def finish(outcome) -> None:
+        with lock:
+            assert outcome.request_id not in outcomes, f"two on_finish for {outcome.request_id}"
+            outcomes[outcome.request_id] = outcome
+            if len(outcomes) == len(requests):
+                done.set()
+
+    for request in requests:
+        engine.submit(request, on_token, finish)
+    assert done.wait(timeout), f"only {len(outcomes)}/{len(requests)} requests finished"
+    return outcomes

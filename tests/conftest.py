@@ -1,18 +1,15 @@
-"""Shared fixtures: tiny random model dirs (built once per session), their HF references, and a
-helper that runs requests through an engine and collects every outcome."""
+"""Shared fixtures only: tiny random model dirs (built once per session), their HF references,
+a throwaway broker topology and a plain aio-pika app on it. Helpers live in tests/builders.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.builders import make_tiny_model
-
-ARCHS = ("llama", "mistral", "qwen2")
+from tests.builders import ARCHS, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -65,26 +62,6 @@ def loaded_models(tiny_model_dirs):
         return cache[arch]
 
     return get
-
-
-def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict:
-    """Submit all requests, wait for every on_finish; request id -> outcome. Fails on a second
-    on_finish for one request."""
-    outcomes: dict = {}
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def finish(outcome) -> None:
-        with lock:
-            assert outcome.request_id not in outcomes, f"two on_finish for {outcome.request_id}"
-            outcomes[outcome.request_id] = outcome
-            if len(outcomes) == len(requests):
-                done.set()
-
-    for request in requests:
-        engine.submit(request, on_token, finish)
-    assert done.wait(timeout), f"only {len(outcomes)}/{len(requests)} requests finished"
-    return outcomes
 
 
 @pytest.fixture

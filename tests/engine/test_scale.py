@@ -27,7 +27,7 @@ from engine.engine import Engine
 from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, GenerationResult,
                             SamplingParams)
 from tests.builders import hub_cache_standin
-from tests.conftest import run_requests
+from tests.builders import run_requests
 
 EOS = 2  # the builders' tokenizer: <|im_end|>
 # (r, lora_alpha, targets, use_rslora): mixed ranks and modules, so a slot reused by another

@@ -23,7 +23,7 @@ from tests.amqp_helpers import (AMQP_URL, WorkerProcess, require_affinity, wait_
                                 worker_settings)
 from tests.fake_engine import FakeEngine, expected_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from engine.request import (AdapterRef, ErrorType, GenerationFailure, Generation
                             SamplingParams)
 from engine.sequence import Sequence
 from tests.builders import make_adapter
-from tests.conftest import ARCHS, run_requests
+from tests.builders import ARCHS, run_requests
 
 PROMPT_LENGTHS = (3, 17, 40, 9, 26)
 
@@ -75,7 +75,7 @@ def failure(outcome, error_type: ErrorType) -> GenerationFailure:
 def test_import_engine_does_not_import_torch():
     code = ("import sys, engine, engine.request, engine.config; from engine import GenerationRequest, EngineConfig; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_loaded_model_spec(loaded_models):

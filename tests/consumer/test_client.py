@@ -28,7 +28,7 @@ from consumer.protocol import (
 )
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Responder:

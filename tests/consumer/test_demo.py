@@ -14,7 +14,7 @@ from consumer.protocol import Topology
 from consumer.settings import WorkerSettings
 from tests.fake_engine import expected_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_topology_args_rebuild_the_topology() -> None:

@@ -17,7 +17,7 @@ import yaml
 from consumer import cli
 from consumer.settings import ENV_PREFIX, WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
