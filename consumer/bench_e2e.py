@@ -124,7 +124,7 @@ def worker_args(settings: WorkerSettings) -> list[str]:
 
 def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
     """Submit every job at once; each job's latency from its own submit to its on_finish."""
-    from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
+    from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens)  # what the worker builds from the wire
     lock, done = threading.Lock(), threading.Event()
@@ -146,7 +146,7 @@ def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) ->
     if not done.wait(JOB_TIMEOUT_S):
         raise RuntimeError(f"engine: {len(jobs) - len(ends)} jobs unfinished after {JOB_TIMEOUT_S} s")
     outcomes = [ends[i][1] for i in range(len(jobs))]
-    failed = [o for o in outcomes if not isinstance(o, GenerationResult)]
+    failed = [o for o in outcomes if not isinstance(o, Completion)]
     if failed:
         raise RuntimeError(f"engine: {len(failed)} jobs failed, first: {failed[0]}")
     latencies = [(ends[i][0] - starts[i]) * 1000 for i in range(len(jobs))]

@@ -75,7 +75,7 @@ from consumer.protocol import Job, ProtocolError
 from consumer.result_cache import CachedOutcome, ResultCache
 from consumer.settings import WorkerSettings
 from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure,
-                            GenerationRequest, GenerationResult, Outcome, SamplingParams,
+                            GenerationRequest, Completion, Outcome, SamplingParams,
                             TokenEvent)
 
 log = structlog.get_logger(__name__)
@@ -165,7 +165,7 @@ def to_request(job: Job, default_source: str, arrival: float) -> GenerationReque
         arrival_time=arrival)
 
 
-def to_result_body(job: Job, result: GenerationResult) -> dict:
+def to_result_body(job: Job, result: Completion) -> dict:
     text = job.inputs + result.text if job.parameters.return_full_text else result.text
     tokens = None
     if job.parameters.details:
@@ -470,7 +470,7 @@ class Worker:
         if self._closed:
             return
         try:
-            if isinstance(outcome, GenerationResult):
+            if isinstance(outcome, Completion):
                 self._observe(inflight, outcome)
             self._settle_all(inflight, outcome)
         except Exception:  # e.g. an outcome we cannot encode: retry it (bounded by the limit)
@@ -478,7 +478,7 @@ class Worker:
             for delivery in inflight.deliveries:
                 self._spawn(self._nack(delivery.message, delivery.job.id, requeue=True))
 
-    def _observe(self, inflight: InflightJob, r: GenerationResult) -> None:
+    def _observe(self, inflight: InflightJob, r: Completion) -> None:
         t = r.timings
         m = self.metrics
         m.queue_wait.observe(t.queue_ms / 1000.0)
@@ -494,7 +494,7 @@ class Worker:
 
     def _settle_all(self, inflight: InflightJob, outcome: Outcome) -> None:
         """Answer every delivery of the job, in publication order after its tokens."""
-        if isinstance(outcome, GenerationResult):
+        if isinstance(outcome, Completion):
             body = to_result_body(inflight.job, outcome)
             self.cache.put(inflight.job.id, CachedOutcome(protocol.REPLY_RESULT, body, False))
             for delivery in inflight.deliveries:

@@ -16,7 +16,7 @@ _EXPORTS = {
     "ErrorType": "engine.request",
     "GenerationFailure": "engine.request",
     "GenerationRequest": "engine.request",
-    "GenerationResult": "engine.request",
+    "Completion": "engine.request",
     "SamplingParams": "engine.request",
     "Timings": "engine.request",
     "TokenEvent": "engine.request",

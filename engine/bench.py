@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import EngineConfig
-from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
+from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ def write_random_adapters(root: Path, names: list[str], spec, r: int, targets: t
 
 
 def run_engine(engine, prompts: list[list[int]], new_tokens: int,
-               adapters: list[str | None]) -> tuple[float, list[GenerationResult]]:
+               adapters: list[str | None]) -> tuple[float, list[Completion]]:
     """Submit every request at once; wall seconds until the last finishes, and the results."""
     done = threading.Event()
     results: dict[str, object] = {}
@@ -106,7 +106,7 @@ def run_engine(engine, prompts: list[list[int]], new_tokens: int,
     done.wait()
     elapsed = time.perf_counter() - start
     ordered = [results[f"r{i}"] for i in range(len(prompts))]
-    failed = [o for o in ordered if not isinstance(o, GenerationResult)]
+    failed = [o for o in ordered if not isinstance(o, Completion)]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
     return elapsed, ordered

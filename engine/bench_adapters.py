@@ -43,7 +43,7 @@ import torch
 
 from engine.bench import make_prompts, write_random_adapter
 from engine.config import EngineConfig
-from engine.request import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
+from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
 
 STRIDE = 37  # coprime with every set size used: consecutive requests use different adapters
 POLL_S = 0.0005
@@ -81,7 +81,7 @@ class Loraq:
         self._n = 0
 
     def request(self, ids: list[int], adapter: str | None,
-                prefetch: str | None = None) -> tuple[float, GenerationResult]:
+                prefetch: str | None = None) -> tuple[float, Completion]:
         """Latency (ms) and result of one request; `prefetch`: an adapter to prefetch as it is
         submitted (as the worker does for the jobs it holds)."""
         done = threading.Event()
@@ -99,7 +99,7 @@ class Loraq:
             self.engine.prefetch(AdapterRef(prefetch))
         done.wait()
         ms = (time.perf_counter() - start) * 1e3
-        if not isinstance(box[0], GenerationResult):
+        if not isinstance(box[0], Completion):
             raise RuntimeError(f"request failed: {box[0]}")
         return ms, box[0]
 

@@ -26,7 +26,7 @@ from engine.lora_slots import LoraSlots
 from engine.model_loader import LoadedModel, ModelSpec, load_model
 from engine.model_runner import ModelRunner
 from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure, GenerationRequest,
-                            GenerationResult, OnFinish, OnToken, Outcome, Timings, TokenEvent)
+                            Completion, OnFinish, OnToken, Outcome, Timings, TokenEvent)
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -408,7 +408,7 @@ class Engine:
             queue_ms=((seq.admitted_at or now) - arrival) * 1000, adapter_load_ms=adapter_ms,
             ttft_ms=((seq.first_token_at or now) - arrival) * 1000, total_ms=(now - arrival) * 1000,
         )
-        result = GenerationResult(
+        result = Completion(
             request_id=request.id, text=seq.detokenizer.text, finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens, timings=timings,
             adapter_id=request.adapter.id if request.adapter else None, seed=seq.sampling.seed,

@@ -1,5 +1,5 @@
 """The engine's public value types: what goes in (`GenerationRequest`) and what comes out
-(`TokenEvent`, `GenerationResult`, `GenerationFailure`).
+(`TokenEvent`, `Completion`, `GenerationFailure`).
 
 This module imports no torch: the consumer builds requests and reads outcomes with it.
 """
@@ -124,7 +124,9 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
+class Completion:
+    """A finished generation as the engine reports it (the wire reply is consumer.protocol's)."""
+
     request_id: str
     text: str
     finish_reason: str  # "length" | "eos_token" | "stop_sequence"
@@ -143,6 +145,6 @@ class GenerationFailure:
     error: EngineError
 
 
-Outcome = Union[GenerationResult, GenerationFailure]
+Outcome = Union[Completion, GenerationFailure]
 OnToken = Callable[[TokenEvent], None]
 OnFinish = Callable[[Outcome], None]

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure,
-                            GenerationRequest, GenerationResult, OnFinish, OnToken, Timings,
+                            GenerationRequest, Completion, OnFinish, OnToken, Timings,
                             TokenEvent)
 
 EOS = "."  # the fake's output ends here: finish_reason eos_token
@@ -179,7 +179,7 @@ class FakeEngine:
             self._running.remove(run)
             req = run.request
             end = time.time()
-            run.on_finish(GenerationResult(
+            run.on_finish(Completion(
                 request_id=req.id, text=text, finish_reason=reason,
                 prompt_tokens=len(prompt_text(req)), generated_tokens=len(run.tokens),
                 timings=Timings(queue_ms=(run.admitted - req.arrival_time) * 1000,

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
-from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, GenerationResult,
+from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, Completion,
                             SamplingParams)
 from engine.sequence import Sequence
 from tests.builders import make_adapter
@@ -59,8 +59,8 @@ def make_engine(tiny_model_dirs, loaded_models):
         engine.shutdown(timeout=10)
 
 
-def result(outcome) -> GenerationResult:
-    assert isinstance(outcome, GenerationResult), outcome
+def result(outcome) -> Completion:
+    assert isinstance(outcome, Completion), outcome
     return outcome
 
 
@@ -370,7 +370,7 @@ def test_queue_bound_overloaded(make_engine):
     outcomes = run_requests(engine, requests)
     overloaded = [o for o in outcomes.values() if isinstance(o, GenerationFailure)]
     assert overloaded and all(o.error.type is ErrorType.OVERLOADED and o.error.retryable for o in overloaded)
-    assert sum(isinstance(o, GenerationResult) for o in outcomes.values()) >= 1
+    assert sum(isinstance(o, Completion) for o in outcomes.values()) >= 1
 
 
 def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
@@ -397,7 +397,7 @@ def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
     assert stats["step_failures"] == 1 and stats["kv_blocks_used"] == 0
     # the engine keeps serving
     assert isinstance(run_requests(engine, [GenerationRequest(id="after", prompt="x", params=greedy(3))])["after"],
-                      GenerationResult)
+                      Completion)
 
 
 def test_shutdown_finishes_running_and_fails_waiting(make_engine):
@@ -582,7 +582,7 @@ def test_group_submitted_together_shares_one_prefill(make_engine, peft_setup):
 
     engine.submit_many([(r, None, finish) for r in requests])
     assert done.wait(60)
-    assert all(isinstance(o, GenerationResult) for o in outcomes.values())
+    assert all(isinstance(o, Completion) for o in outcomes.values())
     assert engine.num_steps - steps == 1  # one prefill step sampled every request's only token
 
 

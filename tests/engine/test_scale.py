@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 import engine.adapter_store as adapter_store
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, GenerationResult,
+from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, Completion,
                             SamplingParams)
 from tests.builders import hub_cache_standin
 from tests.builders import run_requests
@@ -152,7 +152,7 @@ def request(rid: str, adapter: str | None, i: int, new: int = 4, source: str = "
 
 
 def tokens(outcome) -> list[int]:
-    assert isinstance(outcome, GenerationResult), outcome
+    assert isinstance(outcome, Completion), outcome
     return list(outcome.token_ids)
 
 

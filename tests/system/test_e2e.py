@@ -17,7 +17,7 @@ from consumer.protocol import JSON, MSGPACK
 from consumer.worker import Worker, to_request
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import GenerationResult
+from engine.request import Completion
 from tests.amqp_helpers import App, delete_topology, unique_topology, worker_settings
 from tests.builders import make_adapter, make_tiny_model
 
@@ -91,7 +91,7 @@ def job(i: int) -> dict:
                             "max_new_tokens": 6 + i % 7})
 
 
-def direct(engine: Engine, jobs: list[dict], content_type: str = MSGPACK) -> list[GenerationResult]:
+def direct(engine: Engine, jobs: list[dict], content_type: str = MSGPACK) -> list[Completion]:
     """Each job decoded as the worker decodes it, then run on the engine alone, one at a time."""
     results = []
     for k, kw in enumerate(jobs):
@@ -103,12 +103,12 @@ def direct(engine: Engine, jobs: list[dict], content_type: str = MSGPACK) -> lis
         engine.submit(to_request(decoded, "local", time.time()), None,
                       lambda outcome: (out.append(outcome), done.set()))
         assert done.wait(60), "engine gave no outcome"
-        assert isinstance(out[0], GenerationResult), out[0]
+        assert isinstance(out[0], Completion), out[0]
         results.append(out[0])
     return results
 
 
-def assert_same(app: App, cid: str, expected: GenerationResult) -> dict:
+def assert_same(app: App, cid: str, expected: Completion) -> dict:
     kind, body = app.final(cid)
     assert kind == "result", body
     finals = [m for m in app.replies[cid] if m.type != protocol.REPLY_TOKEN]
