@@ -2,7 +2,7 @@
 
 import sys
 
-from consumer.worker import health_main, main
+from consumer.service import health_main, main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

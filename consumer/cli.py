@@ -4,10 +4,12 @@
     loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
     loraq bench engine|e2e|adapters ...
     loraq health                                                  # exit 0 when the worker is healthy
+    loraq gateway --port 8080                                     # HTTP: LoRAX and OpenAI APIs
     loraq demo                                                    # worker + demo adapters + jobs
 
 `worker`, `health`, `demo` and `bench` hand their arguments to the module that owns them, imported only
-then: `generate` never loads the worker or torch.
+then: `generate` never loads the worker or torch. The benchmarks live in the repository's top-level
+`benchmarks/` folder, not in the installed package: `loraq bench` runs them from a checkout.
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ import dataclasses
 import importlib
 import json
 import os
-import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining argv
-    "worker": "consumer.worker:main",
-    "health": "consumer.worker:health_main",
+    "worker": "consumer.service:main",
+    "health": "consumer.service:health_main",
     "demo": "consumer.demo:main",
-    "bench engine": "engine.bench:main",
-    "bench e2e": "consumer.bench_e2e:main",
-    "bench adapters": "engine.bench_adapters:main",
+    "gateway": "consumer.gateway.app:main",
+    "bench engine": "benchmarks.engine:main",
+    "bench e2e": "benchmarks.e2e:main",
+    "bench adapters": "benchmarks.adapters:main",
+    "bench gateway": "benchmarks.gateway:main",
 }
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository, when run from a checkout
 BENCH_HELP = {
     "engine": "engine throughput: loraq vs transformers vs PEFT, base and many adapters",
     "e2e": "jobs/s and latency through RabbitMQ against the engine alone",
     "adapters": "latency at 1/100/1000 adapters in rotation, loraq vs PEFT; cold loads and prefetch",
+    "gateway": "latency and jobs/s through the HTTP gateway against publishing to the broker",
 }
 CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}
 
@@ -75,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     sub.add_parser("worker", add_help=False, help="run a worker (flags: loraq worker --help)")
-    bench = sub.add_parser("bench", help="benchmarks (loraq bench KIND --help)")
+    bench = sub.add_parser("bench", help="benchmarks, from a checkout (loraq bench KIND --help)",
+                           description=_bench_description())
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, text in BENCH_HELP.items():
         kinds.add_parser(kind, add_help=False, help=text)
 
     sub.add_parser("demo", add_help=False,
                    help="run a worker on the embedded model and the demo adapters, print results")
+    sub.add_parser("gateway", add_help=False,
+                   help="HTTP gateway: LoRAX and OpenAI APIs on the queue (loraq gateway --help)")
     sub.add_parser("health", add_help=False,
                    help="exit 0 if the local worker's /healthz answers (loraq health --help)")
     return parser
@@ -106,6 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
 async def _generate_async(args: argparse.Namespace) -> int:
     # Imported here: `loraq worker` / `loraq bench` never pay for the client's imports.
     from consumer.client import Client, LoraqError, Token
+    from consumer.logging import redact_url
     from consumer.protocol import ProtocolError, Topology
 
     params: dict[str, Any] = {
@@ -116,6 +127,7 @@ async def _generate_async(args: argparse.Namespace) -> int:
         "details": args.details or None,
     }
     params = {k: v for k, v in params.items() if v is not None}
+    prompt: dict[str, Any]
     if args.chat or args.system is not None:
         messages = [{"role": "user", "content": args.prompt}]
         if args.system is not None:
@@ -130,13 +142,13 @@ async def _generate_async(args: argparse.Namespace) -> int:
             if not args.stream:
                 result = await client.generate(**prompt, adapter_id=args.adapter_id,
                                                timeout=args.timeout, **params)
-                print(json.dumps(result.raw, ensure_ascii=False) if args.json
+                print(json.dumps(result.to_wire(), ensure_ascii=False) if args.json
                       else result.generated_text)
                 return 0
             async for item in client.generate_stream(**prompt, adapter_id=args.adapter_id,
                                                      timeout=args.timeout, **params):
                 if args.json:
-                    raw = dataclasses.asdict(item) if isinstance(item, Token) else item.raw
+                    raw = dataclasses.asdict(item) if isinstance(item, Token) else item.to_wire()
                     print(json.dumps(raw, ensure_ascii=False), flush=True)
                 elif isinstance(item, Token):
                     print(item.text, end="", flush=True)
@@ -147,13 +159,39 @@ async def _generate_async(args: argparse.Namespace) -> int:
         print(f"loraq: {e}", file=sys.stderr)
         return 1
     except ConnectionError as e:  # aio-pika's connection errors are ConnectionErrors too
-        url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", args.amqp_url)
-        print(f"loraq: cannot reach the broker at {url}: {e}", file=sys.stderr)
+        print(f"loraq: cannot reach the broker at {redact_url(args.amqp_url)}: {e}", file=sys.stderr)
         return 1
+
+
+def _benchmarks_root() -> Path | None:
+    """The checkout whose benchmarks/ to run: the one this package runs from (an editable install
+    maps only the product packages onto sys.path), else the current directory; None if neither."""
+    for root in (CHECKOUT, Path.cwd()):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            return root
+    return None
+
+
+def _bench_description() -> str:
+    text = ("Benchmarks: loraq bench KIND, or python -m benchmarks.KIND in a checkout. They live in the "
+            "repository's benchmarks/ folder, which is not part of the installed package, and need the "
+            "worker extra (pip install -e '.[worker,test]').")
+    if _benchmarks_root() is None:
+        text += (" No benchmarks/ folder here: this is an installed package, not a checkout; clone the "
+                 "repository to run them.")
+    return text
 
 
 def _delegate(target: str, argv: list[str]) -> int:
     module_name, _, function = target.partition(":")
+    if module_name.startswith("benchmarks."):
+        root = _benchmarks_root()
+        if root is None:
+            print(f"loraq: {module_name} is not part of this install: the benchmarks run from a "
+                  f"checkout of the repository (see loraq bench --help)", file=sys.stderr)
+            return 2
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -167,7 +205,7 @@ def _delegate(target: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Delegated commands skip our parser: every flag after them belongs to their own.
-    if argv[:1] in (["worker"], ["health"], ["demo"]):
+    if argv[:1] in (["worker"], ["health"], ["demo"], ["gateway"]):
         return _delegate(DELEGATES[argv[0]], argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATES:
         return _delegate(DELEGATES[f"bench {argv[1]}"], argv[2:])

@@ -11,6 +11,8 @@ app can install and use it alone:
 
     with SyncClient() as client:             # the same API without asyncio
         print(client.generate("Hello").generated_text)
+
+`GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent.
 """
 
 from __future__ import annotations
@@ -20,18 +22,33 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from collections.abc import AsyncGenerator, Coroutine, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from consumer.protocol import (
-    HEADER_ADAPTER_ID, HEADER_DEADLINE, INTERNAL, JSON, MSGPACK, OVERLOADED, REPLY_ERROR,
-    REPLY_RESULT, REPLY_TOKEN, Parameters, ProtocolError, Topology, decode_reply, encode,
-    error_body, job_body, normalize_content_type,
+    HEADER_ADAPTER_ID,
+    HEADER_DEADLINE,
+    INTERNAL,
+    JSON,
+    MSGPACK,
+    OVERLOADED,
+    PARAMETER_NAMES,
+    ErrorReply,
+    GenerationResult,
+    ProtocolError,
+    Reply,
+    Token,
+    TokenReply,
+    Topology,
+    decode_reply,
+    encode,
+    job_body,
+    normalize_content_type,
 )
 
 # stdlib logging, not structlog: a library embedded in someone else's app logs through theirs.
@@ -39,8 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_TIMEOUT_S = 60.0
-_CLOSED = "closed"  # the reply kind close() hands to jobs in flight
-_PARAMETER_NAMES = frozenset(f.name for f in fields(Parameters)) - {"adapter_id"}
+_PARAMETER_NAMES = frozenset(PARAMETER_NAMES) - {"adapter_id"}
 
 T = TypeVar("T")
 
@@ -74,41 +90,6 @@ class GenerationError(LoraqError):
         self.job_id = job_id
 
 
-@dataclass(frozen=True)
-class Token:
-    """One streamed token (`index` counts from 0)."""
-
-    index: int
-    id: int
-    text: str
-    logprob: float | None
-
-    @classmethod
-    def from_reply(cls, reply: dict) -> "Token":
-        tok = reply["token"]
-        return cls(index=reply["index"], id=tok.get("id"), text=tok.get("text", ""),
-                   logprob=tok.get("logprob"))
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """A result reply. `details`: finish_reason, prompt/generated token counts, seed, [tokens];
-    `timings`: queue_ms, adapter_load_ms, ttft_ms, total_ms; `raw`: the reply map as received."""
-
-    id: str
-    generated_text: str
-    details: dict
-    timings: dict
-    adapter_id: str | None
-    raw: dict
-
-    @classmethod
-    def from_reply(cls, reply: dict) -> "GenerationResult":
-        return cls(id=reply["id"], generated_text=reply["generated_text"],
-                   details=reply.get("details") or {}, timings=reply.get("timings") or {},
-                   adapter_id=reply.get("adapter_id"), raw=reply)
-
-
 class _Pending:
     """The replies of one in-flight job, in arrival order. Leaves the client's map at its final
     reply, so a duplicate final (a redelivered job answered twice) is dropped as unknown."""
@@ -118,7 +99,7 @@ class _Pending:
     def __init__(self, job_id: str, stream: bool) -> None:
         self.job_id = job_id
         self.stream = stream
-        self.replies: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+        self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()  # None: the client closed
         self.next_index = 0  # tokens below it were seen (a recomputed job streams them again)
 
 
@@ -137,7 +118,7 @@ class Client:
         self._reply_queue = f"loraq.reply.{uuid.uuid4().hex}"
         self._pending: dict[str, _Pending] = {}
 
-    async def connect(self) -> "Client":
+    async def connect(self) -> Client:
         self._connection = await aio_pika.connect_robust(self.url)
         try:
             await self._open_channel(self._connection)
@@ -161,14 +142,14 @@ class Client:
 
     async def close(self) -> None:
         for pending in self._pending.values():
-            pending.replies.put_nowait((_CLOSED, {}))
+            pending.replies.put_nowait(None)
         self._pending.clear()
         self._exchange = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return await self.connect()
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -188,8 +169,7 @@ class Client:
         cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
                                           deadline, stream=False)
         try:
-            kind, reply = await self._next(pending, end, timeout)
-            return self._final(pending, kind, reply)
+            return self._final(pending, await self._next(pending, end, timeout))
         finally:
             self._pending.pop(cid, None)
 
@@ -197,7 +177,7 @@ class Client:
                               messages: list[dict] | None = None, adapter_id: str | None = None,
                               timeout: float | None = None, job_id: str | None = None,
                               deadline: float | None = None,
-                              **parameters: Any) -> AsyncIterator[Token | GenerationResult]:
+                              **parameters: Any) -> AsyncGenerator[Token | GenerationResult, None]:
         """Like `generate`, streamed: yields each `Token` in order, then the `GenerationResult`.
         `timeout` bounds the whole job."""
         timeout = self.timeout if timeout is None else timeout
@@ -206,11 +186,11 @@ class Client:
                                           deadline, stream=True)
         try:
             while True:
-                kind, reply = await self._next(pending, end, timeout)
-                if kind == REPLY_TOKEN:
-                    yield Token.from_reply(reply)
+                reply = await self._next(pending, end, timeout)
+                if isinstance(reply, TokenReply):
+                    yield reply.token
                 else:
-                    yield self._final(pending, kind, reply)
+                    yield self._final(pending, reply)
                     return
         finally:
             self._pending.pop(cid, None)
@@ -228,7 +208,7 @@ class Client:
         job_id = job_id or str(uuid.uuid4())
         # A fresh correlation id per call: resubmitting a job id (for de-duplication) is a new wait.
         cid = uuid.uuid4().hex
-        headers = {}
+        headers: dict[str, Any] = {}
         if adapter_id:  # what workers started with --affinity hash on
             headers[HEADER_ADAPTER_ID] = adapter_id
         if deadline is not None:
@@ -237,7 +217,7 @@ class Client:
             encode(body, self.content_type), content_type=self.content_type,
             message_id=job_id, correlation_id=cid, reply_to=self._reply_queue,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or None,
-            timestamp=datetime.now(timezone.utc))
+            timestamp=datetime.now(UTC))
         pending = _Pending(job_id, stream)
         self._pending[cid] = pending  # before publishing: a fast reply must find it
         try:
@@ -258,45 +238,42 @@ class Client:
         return cid, pending
 
     @staticmethod
-    async def _next(pending: _Pending, end: float, timeout: float) -> tuple[str, dict]:
+    async def _next(pending: _Pending, end: float, timeout: float) -> Reply | None:
         try:
             return await asyncio.wait_for(pending.replies.get(), max(0.0, end - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GenerationTimeout(pending.job_id, timeout) from None
 
     @staticmethod
-    def _final(pending: _Pending, kind: str, reply: dict) -> GenerationResult:
-        if kind == REPLY_RESULT:
-            return GenerationResult.from_reply(reply)
-        if kind == REPLY_ERROR:
-            raise GenerationError(reply["error_type"], reply["error"],
-                                  bool(reply.get("retryable", False)), pending.job_id)
+    def _final(pending: _Pending, reply: Reply | None) -> GenerationResult:
+        if isinstance(reply, GenerationResult):
+            return reply
+        if isinstance(reply, ErrorReply):
+            raise GenerationError(reply.error_type, reply.error, reply.retryable, pending.job_id)
         raise LoraqError(f"client closed while job {pending.job_id} was in flight")
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        cid = message.correlation_id
-        pending = self._pending.get(cid) if cid else None
+        cid = message.correlation_id or ""
+        pending = self._pending.get(cid)
         if pending is None:
             log.debug("reply_dropped reason=unknown_correlation_id correlation_id=%s type=%s",
                       cid, message.type)
             return
+        reply: Reply
         try:
             reply = decode_reply(message.body, message.content_type, message.type)
         except ProtocolError as e:
             # Only a worker publishes here: fail the job now rather than let it time out.
             log.warning("reply_malformed job_id=%s error=%s", pending.job_id, e)
-            self._pending.pop(cid, None)
-            pending.replies.put_nowait((REPLY_ERROR, error_body(
-                pending.job_id, INTERNAL, f"malformed {message.type} reply: {e}")))
-            return
-        if message.type == REPLY_TOKEN:
-            if not pending.stream or reply["index"] < pending.next_index:
+            reply = ErrorReply(pending.job_id, INTERNAL, f"malformed {message.type} reply: {e}")
+        if isinstance(reply, TokenReply):
+            if not pending.stream or reply.token.index < pending.next_index:
                 log.debug("reply_dropped reason=duplicate_token job_id=%s", pending.job_id)
                 return
-            pending.next_index = reply["index"] + 1
+            pending.next_index = reply.token.index + 1
         else:
             self._pending.pop(cid, None)
-        pending.replies.put_nowait((message.type, reply))
+        pending.replies.put_nowait(reply)
 
 
 class SyncClient:
@@ -316,7 +293,7 @@ class SyncClient:
             self._stop_loop()
             raise
 
-    def _call(self, coro: Awaitable[T]) -> T:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, inputs: str | None = None, **kwargs: Any) -> GenerationResult:
@@ -351,7 +328,7 @@ class SyncClient:
         self._thread.join()
         self._loop.close()
 
-    def __enter__(self) -> "SyncClient":
+    def __enter__(self) -> SyncClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -7,34 +7,28 @@ publishes the same prompts to the base model and to every adapter at once throug
 answer token by token, then stops the worker with SIGTERM.
 
 The worker gets its own topology names (removed at the end) and a free metrics port, so the demo
-never mixes with a worker already serving the default queue.
+never mixes with a worker already serving the default queue (`consumer.worker_process`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import io
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import aio_pika
 
 from consumer.client import DEFAULT_AMQP_URL, Client, GenerationResult, LoraqError, Token
-from consumer.metrics import probe
 from consumer.protocol import Topology
+from consumer.worker_process import REPO_ROOT, WORKER_COMMAND, WorkerProcess, delete_topology, free_port, topology_args
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (
     "What is the capital of France?",
     "Give me one tip for staying healthy.",
@@ -43,115 +37,6 @@ PROMPTS = (
 STREAM_PROMPT = "Tell me about your favourite animal."
 STREAM_ADAPTER = "demo/pirate"
 BASE = "base"  # how the base model is labelled in the printout
-WORKER_COMMAND = (sys.executable, "-m", "consumer")  # tests swap in a worker on a fake engine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def topology_args(topology: Topology) -> list[str]:
-    """Worker flags naming every object of `topology`."""
-    return [arg for f in fields(topology)
-            for arg in (f"--{f.name.replace('_', '-')}", str(getattr(topology, f.name)))]
-
-
-async def delete_topology(url: str, topology: Topology) -> None:
-    """Remove the queues and exchanges of a throwaway topology (best effort)."""
-    try:
-        connection = await aio_pika.connect(url)
-    except (ConnectionError, OSError):
-        return
-    async with connection:
-        for name in (topology.queue, topology.dead_queue):
-            channel = await connection.channel()  # a failed delete closes its channel
-            try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
-        for name in (topology.exchange, topology.dlx, topology.results_exchange):
-            channel = await connection.channel()
-            try:
-                await channel.exchange_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
-
-
-class WorkerProcess:
-    """A `python -m consumer` subprocess with JSON logs in a file and /healthz on `metrics_port`."""
-
-    def __init__(self, args: list[str], log_path: Path, metrics_port: int) -> None:
-        self.args = args
-        self.log_path = log_path
-        self.metrics_port = metrics_port
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [*WORKER_COMMAND, *self.args,
-               "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1"]
-        with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                         stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-
-    async def wait_healthy(self, timeout: float,
-                           progress: Callable[[float, str], None] | None = None) -> float:
-        """Poll /healthz until 200; seconds it took. Raises RuntimeError if the worker exits or
-        the timeout passes (the message ends with the log's last lines)."""
-        start = time.monotonic()
-        while True:
-            elapsed = time.monotonic() - start
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with code {self.proc.returncode} while "
-                                   f"starting; its log:\n{self.log_tail()}")
-            if await asyncio.to_thread(probe, self.metrics_port, "127.0.0.1", 1.0):
-                return elapsed
-            if elapsed > timeout:
-                raise RuntimeError(f"the worker was not healthy after {timeout:.0f} s; its log:\n"
-                                   f"{self.log_tail()}")
-            if progress is not None:
-                progress(elapsed, self.last_status())
-            await asyncio.sleep(0.5)
-
-    def last_status(self) -> str:
-        """The log's latest line, for a progress display: a JSON event's name, or plain text (the
-        model loader's progress bars redraw one line with carriage returns)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-                tail = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        pieces = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
-        if not pieces:
-            return ""
-        try:
-            event = json.loads(pieces[-1])
-        except ValueError:
-            return pieces[-1][:60]
-        return str(event.get("event", "")) if isinstance(event, dict) else pieces[-1][:60]
-
-    def log_tail(self, lines: int = 25) -> str:
-        """The log's last lines, each as last drawn (progress bars redraw with carriage returns)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (the worker drains in-flight jobs), wait; SIGKILL if it hangs. Exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def find_adapters(root: Path) -> list[str]:
@@ -192,10 +77,10 @@ def print_answers(answers: list[Answer], width: int) -> None:
                 print(f"  {a.adapter:<{label}}FAILED: {a.error}")
                 continue
             t, d = a.result.timings, a.result.details
-            print(f"  {a.adapter:<{label}}queue {fmt_ms(t.get('queue_ms'))} | adapter load "
-                  f"{fmt_ms(t.get('adapter_load_ms'))} | ttft {fmt_ms(t.get('ttft_ms'))} | total "
-                  f"{fmt_ms(t.get('total_ms'))} | round trip {fmt_ms(a.round_trip_ms)} | "
-                  f"{d.get('generated_tokens', '?')} tokens ({d.get('finish_reason', '?')})")
+            print(f"  {a.adapter:<{label}}queue {fmt_ms(t.queue_ms)} | adapter load "
+                  f"{fmt_ms(t.adapter_load_ms)} | ttft {fmt_ms(t.ttft_ms)} | total "
+                  f"{fmt_ms(t.total_ms)} | round trip {fmt_ms(a.round_trip_ms)} | "
+                  f"{d.generated_tokens} tokens ({d.finish_reason})")
             text = " ".join(a.result.generated_text.split()) or "(empty)"
             print(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent))
 
@@ -241,7 +126,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     worker = WorkerProcess(
         ["--model", args.model, "--adapter-root", str(adapter_root), "--amqp-url", args.amqp_url,
          "--device", args.device, *topology_args(topology)],
-        log_dir / "worker.log", free_port())
+        log_dir / "worker.log", free_port(), command=WORKER_COMMAND)  # tests patch demo.WORKER_COMMAND
     tty = sys.stdout.isatty()
     last_print = [0.0]
 
@@ -284,7 +169,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - start
         print_answers(answers, args.width)
         failed = sum(a.result is None for a in answers)
-        tokens = sum(a.result.details.get("generated_tokens", 0) for a in answers if a.result)
+        tokens = sum(a.result.details.generated_tokens for a in answers if a.result)
         print(f"\n{len(answers) - failed}/{len(answers)} jobs answered in {wall:.2f} s "
               f"({tokens} tokens, {tokens / wall:.1f} tokens/s across the batch)")
         summary = batch_summary(worker.metrics_port)
@@ -304,7 +189,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                         first_token_ms = (time.perf_counter() - start) * 1000
                     print(item.text.replace("\n", "\n  "), end="", flush=True)
                 else:
-                    print(f"\n  [{item.details.get('generated_tokens', '?')} tokens streamed; "
+                    print(f"\n  [{item.details.generated_tokens} tokens streamed; "
                           f"first after {fmt_ms(first_token_ms)}, all after "
                           f"{fmt_ms((time.perf_counter() - start) * 1000)}]")
         except LoraqError as e:
@@ -346,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sys.stdout.reconfigure(errors="replace")  # the emoji adapter on a non-UTF-8 terminal
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")  # the emoji adapter on a non-UTF-8 terminal
     try:
         return asyncio.run(run_demo(args))
     except KeyboardInterrupt:

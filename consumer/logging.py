@@ -1,21 +1,30 @@
 """structlog as JSON: one line per event on stderr, stdlib loggers (aio-pika, the engine's libraries)
-routed through the same renderer so the stream stays machine-readable."""
+routed through the same renderer so the stream stays machine-readable; `redact_url` keeps passwords
+out of it."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import TextIO
 
 import structlog
+from structlog.typing import Processor
 
-_SHARED = [
+_SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
 
 
-def configure_logging(level: str = "info", stream=None) -> None:
+def redact_url(url: str) -> str:
+    """`url` without its password (amqp://user:***@host/), for logs and messages."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Idempotent. `level` applies to our events and to stdlib loggers alike."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):

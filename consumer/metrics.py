@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -131,7 +131,7 @@ class MetricsServer:
             writer.write(f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (OSError, asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, OSError, UnicodeDecodeError):
             pass
         finally:
             writer.close()

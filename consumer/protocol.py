@@ -1,23 +1,24 @@
-"""Wire protocol v1 (shared/design/protocol.md): the only module that knows the wire format.
+"""Wire protocol v1 (docs/protocol.md): the only module that knows the wire format.
 
 Backend apps (through `consumer.client`) and the worker both use it. It imports neither torch nor
-transformers nor aio-pika: it turns bytes + AMQP properties into a validated `Job`, and reply values
-into bytes. Every bad input raises `ProtocolError`; nothing else escapes `decode_job`.
+transformers nor aio-pika: it turns bytes + AMQP properties into a validated `Job`, and the typed
+replies (`GenerationResult`, `TokenReply`, `ErrorReply`) into maps and back. Every bad input raises
+`ProtocolError`; nothing else escapes `decode_job`. It checks the wire's JSON types and size limits;
+the sampling values themselves are checked by the engine's `SamplingParams`, in one place.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
-from engine.request import ErrorType
+from engine.request import ErrorType, SamplingParams, Timings
 
 PROTOCOL_VERSION = 1
 
@@ -58,8 +59,9 @@ class ProtocolError(Exception):
     """A job or reply that breaks the contract. `error_type` is one of `ERROR_TYPES`."""
 
     def __init__(self, error_type: str, message: str, retryable: bool = False) -> None:
+        if error_type not in ERROR_TYPES:
+            raise ValueError(f"unknown error_type {error_type!r}; one of {ERROR_TYPES}")
         super().__init__(message)
-        assert error_type in ERROR_TYPES, error_type
         self.error_type = error_type
         self.message = message
         self.retryable = retryable
@@ -86,7 +88,7 @@ class Topology:
             raise ValueError("delivery_limit must be >= 1")
 
     @classmethod
-    def prefixed(cls, prefix: str, **overrides: Any) -> "Topology":
+    def prefixed(cls, prefix: str, **overrides: Any) -> Topology:
         """Every name under `prefix` (e.g. a unique test id), routing key unchanged."""
         names = {f.name: f"{prefix}.{f.default}" for f in fields(cls)
                  if f.name not in ("routing_key", "delivery_limit")}
@@ -119,30 +121,36 @@ class Limits:
                 raise ValueError(f"{f.name} must be >= 1")
 
     @classmethod
-    def unbounded(cls) -> "Limits":
+    def unbounded(cls) -> Limits:
         """Type checks only: what a client validates before publishing (the worker's limits rule)."""
         big = 2**62
         return cls(**{f.name: big for f in fields(cls)})
 
 
+# the sampling parameters of a job: wire name -> its JSON type (values are SamplingParams' to check)
+SAMPLING_TYPES: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int, "do_sample": bool, "temperature": (int, float), "top_k": int,
+    "top_p": (int, float), "typical_p": (int, float), "repetition_penalty": (int, float),
+    "stop": list, "seed": int,
+}
+PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", *SAMPLING_TYPES, "return_full_text",
+                   "details")
+
+
 @dataclass(frozen=True)
 class Parameters:
-    """`parameters` of a job, typed. Names follow LoRAX / TGI `/generate`."""
+    """`parameters` of a job, typed. Names follow LoRAX / TGI `/generate`; the sampling ones are
+    the engine's SamplingParams (wire `details` is its `logprobs`)."""
 
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter_id: str | None = None  # None: the base model alone
     adapter_source: str | None = None  # None: the worker's default
     api_token: str | None = field(default=None, repr=False)  # never logged
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    do_sample: bool = False  # False: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
     return_full_text: bool = False
-    details: bool = False
+
+    @property
+    def details(self) -> bool:
+        return self.sampling.logprobs
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,7 @@ def _fail(message: str, error_type: str = VALIDATION) -> ProtocolError:
 
 
 def _opt(params: dict, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    """params[name] of `kind` (null or absent: `default`). bool is never an int or a float here."""
+    """params[name] of JSON type `kind` (null or absent: `default`). bool is never a number here."""
     value = params.get(name)
     if value is None:
         return default
@@ -214,8 +222,6 @@ def _opt(params: dict, name: str, kind: type | tuple[type, ...], default: Any = 
     if not isinstance(value, kind):
         want = kind.__name__ if isinstance(kind, type) else "number"
         raise _fail(f"parameters.{name} must be {want}, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _fail(f"parameters.{name} must be finite")
     return value
 
 
@@ -228,6 +234,7 @@ def _check_text(value: str, what: str) -> None:
 
 
 def parse_parameters(raw: Any, limits: Limits) -> Parameters:
+    """Wire types and size limits are checked here, sampling values by SamplingParams."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -245,49 +252,28 @@ def parse_parameters(raw: Any, limits: Limits) -> Parameters:
         raise _fail(f"parameters.adapter_source must be one of {ADAPTER_SOURCES}")
     api_token = _opt(raw, "api_token", str) or None
 
-    max_new_tokens = _opt(raw, "max_new_tokens", int, Parameters.max_new_tokens)
-    if not 1 <= max_new_tokens <= limits.max_new_tokens:
-        raise _fail(f"parameters.max_new_tokens must be in 1..{limits.max_new_tokens}")
-    temperature = float(_opt(raw, "temperature", (int, float), Parameters.temperature))
-    if temperature <= 0:
-        raise _fail("parameters.temperature must be > 0")
-    do_sample = _opt(raw, "do_sample", bool, False)
-    top_k = _opt(raw, "top_k", int)
-    if top_k is not None and top_k < 1:
-        raise _fail("parameters.top_k must be >= 1")
-    probs = {}
-    for name in ("top_p", "typical_p"):
-        v = _opt(raw, name, (int, float))
-        if v is not None and not 0.0 < v <= 1.0:
-            raise _fail(f"parameters.{name} must be in (0, 1]")
-        probs[name] = None if v is None else float(v)
-    repetition_penalty = _opt(raw, "repetition_penalty", (int, float))
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise _fail("parameters.repetition_penalty must be > 0")
+    given: dict[str, Any] = {}
+    for name, kind in SAMPLING_TYPES.items():
+        value = _opt(raw, name, kind)
+        if value is not None:
+            given[name] = float(value) if kind == (int, float) else tuple(value) if kind is list else value
+    try:
+        sampling = SamplingParams(**given, logprobs=_opt(raw, "details", bool, False))
+    except ValueError as e:  # the message starts with the field's name
+        raise _fail(f"parameters.{e}") from None
 
-    stop = _opt(raw, "stop", list, [])
-    if len(stop) > limits.max_stop_sequences:
+    if sampling.max_new_tokens > limits.max_new_tokens:
+        raise _fail(f"parameters.max_new_tokens must be in 1..{limits.max_new_tokens}")
+    if len(sampling.stop) > limits.max_stop_sequences:
         raise _fail(f"parameters.stop has more than {limits.max_stop_sequences} sequences")
-    for s in stop:
-        if not isinstance(s, str) or not s:
-            raise _fail("parameters.stop must be a list of non-empty strings")
+    for s in sampling.stop:
         if len(s) > limits.max_stop_length:
             raise _fail(f"parameters.stop sequences must be at most {limits.max_stop_length} chars")
         _check_text(s, "parameters.stop")
 
-    seed = _opt(raw, "seed", int)
-    if seed is not None and not 0 <= seed < 2**64:
-        raise _fail("parameters.seed must be in 0..2**64-1")
-
-    return Parameters(
-        adapter_id=adapter_id, adapter_source=adapter_source, api_token=api_token,
-        max_new_tokens=max_new_tokens, temperature=temperature, do_sample=do_sample, top_k=top_k,
-        top_p=probs["top_p"], typical_p=probs["typical_p"],
-        repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
-        stop=tuple(stop), seed=seed,
-        return_full_text=_opt(raw, "return_full_text", bool, False),
-        details=_opt(raw, "details", bool, False),
-    )
+    return Parameters(sampling=sampling, adapter_id=adapter_id, adapter_source=adapter_source,
+                      api_token=api_token,
+                      return_full_text=_opt(raw, "return_full_text", bool, False))
 
 
 def parse_messages(raw: Any, limits: Limits) -> tuple[dict[str, str], ...]:
@@ -458,53 +444,140 @@ def encode_job(*, inputs: str | None = None, messages: list[dict] | None = None,
                            limits=limits), content_type)
 
 
-# ---- replies -------------------------------------------------------------------------------------
+# ---- replies ---------------------------------------------------------------------------------------
+# One typed model for both sides: the worker builds these and sends `to_wire()`, the client reads
+# them back with `decode_reply`. Each reply's `id` is its job's id; `KIND` is its AMQP `type`.
 
-def token_dict(token_id: int, text: str, logprob: float | None) -> dict:
-    return {"id": token_id, "text": text, "logprob": logprob}
-
-
-def result_body(job_id: str, generated_text: str, *, finish_reason: str, prompt_tokens: int,
-                generated_tokens: int, seed: int | None, adapter_id: str | None,
-                timings: dict[str, float], tokens: list[dict] | None = None) -> dict:
-    """`tokens` (token_dict list) only when the job asked for details."""
-    details: dict[str, Any] = {"finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-                               "generated_tokens": generated_tokens, "seed": seed}
-    if tokens is not None:
-        details["tokens"] = tokens
-    return {"v": PROTOCOL_VERSION, "id": job_id, "generated_text": generated_text,
-            "details": details, "adapter_id": adapter_id,
-            "timings": {k: round(float(timings.get(k, 0.0)), 3)
-                        for k in ("queue_ms", "adapter_load_ms", "ttft_ms", "total_ms")}}
+def _malformed(kind: str, e: Exception) -> ProtocolError:
+    return _fail(f"malformed {kind} reply: {type(e).__name__}: {e}")
 
 
-def token_body(job_id: str, index: int, token_id: int, text: str, logprob: float | None) -> dict:
-    return {"v": PROTOCOL_VERSION, "id": job_id, "index": index,
-            "token": token_dict(token_id, text, logprob)}
+@dataclass(frozen=True)
+class Token:
+    """One generated token: streamed in a `token` reply, or listed in a result's details (with
+    `details: true`). `index` counts from 0."""
+
+    index: int
+    id: int
+    text: str
+    logprob: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The token map (its index is the reply's, or its place in the list)."""
+        return {"id": self.id, "text": self.text, "logprob": self.logprob}
+
+    @classmethod
+    def from_wire(cls, index: int, token: dict[str, Any]) -> Token:
+        return cls(index=index, id=token["id"], text=token["text"], logprob=token.get("logprob"))
 
 
-def error_body(job_id: str | None, error_type: str, message: str, retryable: bool = False) -> dict:
-    if error_type not in ERROR_TYPES:
-        error_type = INTERNAL
-    return {"v": PROTOCOL_VERSION, "id": job_id, "error": message, "error_type": error_type,
-            "retryable": retryable}
+@dataclass(frozen=True)
+class TokenReply:
+    KIND: ClassVar[str] = REPLY_TOKEN
+
+    id: str
+    token: Token
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "id": self.id, "index": self.token.index,
+                "token": self.token.to_wire()}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> TokenReply:
+        try:
+            return cls(id=body["id"], token=Token.from_wire(body["index"], body["token"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise _malformed(cls.KIND, e) from None
 
 
-_REPLY_KEYS = {
-    REPLY_RESULT: ("id", "generated_text", "details"),
-    REPLY_TOKEN: ("id", "index", "token"),
-    REPLY_ERROR: ("id", "error", "error_type"),
-}
+@dataclass(frozen=True)
+class Details:
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None = None
+    tokens: tuple[Token, ...] | None = None  # only when the job asked for details
 
 
-def decode_reply(body: bytes, content_type: str | None, type: str | None) -> dict:
-    """A reply's map, checked for its type's required keys. Raises ProtocolError (validation)."""
-    if type not in REPLY_TYPES:
+@dataclass(frozen=True)
+class GenerationResult:
+    """A `result` reply. `timings` (ms): queue_ms, adapter_load_ms, ttft_ms, total_ms."""
+
+    KIND: ClassVar[str] = REPLY_RESULT
+
+    id: str
+    generated_text: str
+    details: Details
+    timings: Timings
+    adapter_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d = self.details
+        details: dict[str, Any] = {"finish_reason": d.finish_reason, "prompt_tokens": d.prompt_tokens,
+                                   "generated_tokens": d.generated_tokens, "seed": d.seed}
+        if d.tokens is not None:
+            details["tokens"] = [t.to_wire() for t in d.tokens]
+        t = self.timings
+        return {"v": PROTOCOL_VERSION, "id": self.id, "generated_text": self.generated_text,
+                "details": details, "adapter_id": self.adapter_id,
+                "timings": {"queue_ms": round(t.queue_ms, 3), "adapter_load_ms": round(t.adapter_load_ms, 3),
+                            "ttft_ms": round(t.ttft_ms, 3), "total_ms": round(t.total_ms, 3)}}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> GenerationResult:
+        try:
+            d, t = body["details"], body.get("timings") or {}
+            tokens = d.get("tokens")
+            return cls(
+                id=body["id"], generated_text=body["generated_text"],
+                details=Details(finish_reason=d["finish_reason"], prompt_tokens=d["prompt_tokens"],
+                                generated_tokens=d["generated_tokens"], seed=d.get("seed"),
+                                tokens=None if tokens is None else
+                                tuple(Token.from_wire(i, tok) for i, tok in enumerate(tokens))),
+                timings=Timings(**{k: float(t.get(k, 0.0)) for k in
+                                   ("queue_ms", "adapter_load_ms", "ttft_ms", "total_ms")}),
+                adapter_id=body.get("adapter_id"))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise _malformed(cls.KIND, e) from None
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """An `error` reply. `error_type` is one of ERROR_TYPES (anything else is sent as internal)."""
+
+    KIND: ClassVar[str] = REPLY_ERROR
+
+    id: str | None
+    error_type: str
+    error: str  # the human-readable reason
+    retryable: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        error_type = self.error_type if self.error_type in ERROR_TYPES else INTERNAL
+        return {"v": PROTOCOL_VERSION, "id": self.id, "error": self.error, "error_type": error_type,
+                "retryable": self.retryable}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> ErrorReply:
+        try:
+            return cls(id=body["id"], error_type=body["error_type"], error=body["error"],
+                       retryable=bool(body.get("retryable", False)))
+        except (KeyError, TypeError) as e:
+            raise _malformed(cls.KIND, e) from None
+
+
+Reply = GenerationResult | TokenReply | ErrorReply
+FinalReply = GenerationResult | ErrorReply
+_REPLY_CLASSES: dict[str, type[GenerationResult] | type[TokenReply] | type[ErrorReply]] = {
+    cls.KIND: cls for cls in (GenerationResult, TokenReply, ErrorReply)}
+
+
+def decode_reply(body: bytes, content_type: str | None, type: str | None) -> Reply:
+    """A reply's bytes and AMQP `type` -> its typed value. Raises ProtocolError (validation)."""
+    cls = _REPLY_CLASSES.get(type or "")
+    if cls is None:
         raise _fail(f"unknown reply type {type!r}")
     reply = decode(body, content_type)
     if not isinstance(reply, dict):
         raise _fail("reply body must be a map")
-    missing = [k for k in _REPLY_KEYS[type] if k not in reply]
-    if missing:
-        raise _fail(f"{type} reply lacks {', '.join(missing)}")
-    return reply
+    return cls.from_wire(reply)

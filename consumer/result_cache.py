@@ -1,19 +1,12 @@
-"""Bounded LRU of finished jobs by job id, so a redelivered job is answered, not recomputed."""
+"""Bounded LRU of finished jobs' final replies by job id, so a redelivered job is answered, not
+recomputed. Replies are kept typed, not as bytes: a duplicate may ask for another content type.
+Token replies are not kept (bounded memory): a redelivery gets the final reply alone."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class CachedOutcome:
-    """A job's final reply. Kept as a map, not bytes: a duplicate may use another content type.
-    Token messages are not kept (bounded memory): a redelivery gets the final reply alone."""
-
-    reply_type: str  # "result" | "error"
-    body: dict
-    dead_lettered: bool  # its copy already sits in the dead-letter queue: don't add another
+from consumer.protocol import FinalReply
 
 
 class ResultCache:
@@ -21,16 +14,16 @@ class ResultCache:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, CachedOutcome] = OrderedDict()
+        self._entries: OrderedDict[str, FinalReply] = OrderedDict()
 
-    def get(self, job_id: str) -> CachedOutcome | None:
-        outcome = self._entries.get(job_id)
-        if outcome is not None:
+    def get(self, job_id: str) -> FinalReply | None:
+        reply = self._entries.get(job_id)
+        if reply is not None:
             self._entries.move_to_end(job_id)
-        return outcome
+        return reply
 
-    def put(self, job_id: str, outcome: CachedOutcome) -> None:
-        self._entries[job_id] = outcome
+    def put(self, job_id: str, reply: FinalReply) -> None:
+        self._entries[job_id] = reply
         self._entries.move_to_end(job_id)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "ErrorType": "engine.request",
     "GenerationFailure": "engine.request",
     "GenerationRequest": "engine.request",
+    "Lease": "engine.lease",
     "Completion": "engine.request",
     "SamplingParams": "engine.request",
     "Timings": "engine.request",

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from engine.config import LORA_MODULES
+from engine.config import LORA_MODULE_PARENT, LORA_MODULES
 from engine.request import EngineError, ErrorType
 
 if TYPE_CHECKING:
@@ -36,11 +36,9 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
 
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
 _TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
-_MODULE_KEY = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)")
+_MODULE_KEY = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<name>\w+)")
 # Config fields whose feature changes the math or adds weights we do not serve. Each must be falsy.
 _REFUSED_FIELDS = (
     "use_dora", "lora_bias", "modules_to_save", "target_parameters", "fan_in_fan_out",
@@ -70,7 +68,7 @@ def _invalid(message: str) -> EngineError:
 
 def _module_key(layer: int, name: str) -> str:
     """The module's name in `named_modules()` of the HF causal LM, which is what PEFT matches."""
-    return f"model.layers.{layer}.{_PARENT[name]}.{name}"
+    return f"model.layers.{layer}.{LORA_MODULE_PARENT[name]}.{name}"
 
 
 def get_pattern_key(pattern_keys, key: str) -> str:
@@ -227,7 +225,7 @@ def _parse_key(key: str, spec: ModelSpec) -> tuple[int, str, str]:
         raise _invalid(f"tensor {key}: lora_bias is not supported")
     m = _TENSOR_KEY.fullmatch(key)
     mm = _MODULE_KEY.fullmatch(m.group("module")) if m else None
-    if mm is None or mm.group("name") not in LORA_MODULES or _PARENT[mm.group("name")] != mm.group("parent"):
+    if m is None or mm is None or LORA_MODULE_PARENT.get(mm.group("name")) != mm.group("parent"):
         raise _invalid(f"unexpected tensor {key} (only lora_A/lora_B of {', '.join(LORA_MODULES)})")
     layer = int(mm.group("layer"))
     if layer >= spec.num_layers:

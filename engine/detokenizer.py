@@ -14,7 +14,7 @@ sequence). Special tokens are skipped in the text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +98,7 @@ class Detokenizer:
 
     def _decode(self, start: int, end: int) -> str:
         # no clean-up: it rewrites " ." to "." across the window edge and breaks the prefix match
-        return self.tokenizer.decode(
+        text = self.tokenizer.decode(
             self._ids[start:end], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
+        return cast(str, text)  # a list of ids decodes to one str

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import structlog
 
@@ -21,12 +22,24 @@ from engine.adapter_store import AdapterStore
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.kv_cache import BlockManager, KVCache
+from engine.lease import Lease
 from engine.lora_op import build_lora_op
 from engine.lora_slots import LoraSlots
 from engine.model_loader import LoadedModel, ModelSpec, load_model
 from engine.model_runner import ModelRunner
-from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure, GenerationRequest,
-                            Completion, OnFinish, OnToken, Outcome, Timings, TokenEvent)
+from engine.request import (
+    AdapterRef,
+    Completion,
+    EngineError,
+    ErrorType,
+    GenerationFailure,
+    GenerationRequest,
+    OnFinish,
+    OnToken,
+    Outcome,
+    Timings,
+    TokenEvent,
+)
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -38,23 +51,45 @@ BLOCKED_WAIT_S = 0.005  # work queued but nothing runnable: poll again soon (a f
 DEADLINE_SWEEP_S = 0.1  # how often waiting requests are checked against their deadline
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A submitted request, with what `submit` took for it on the caller's thread."""
+
+    request: GenerationRequest
+    on_token: OnToken | None
+    on_finish: OnFinish
+    prefetch: Lease | None  # holds its adapter from arrival until its first admission (or its end)
+    adapter_generation: int  # the adapter version the store held at arrival (see Sequence)
+
+
+# The inbox: commands other threads put for the step thread, taken in order before each step.
+@dataclass(frozen=True)
+class _Submit:
+    jobs: tuple[_Job, ...]  # a group: taken in together, before the next step
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    stop_at: float | None  # monotonic time running requests are failed at; None: they finish
+
+
 class Engine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         """Start the step thread and wait while it loads the model (or takes an already loaded one:
         tests and benchmarks share it), sizes the KV cache from its byte budget and builds the rest;
-        a build error is raised here.
-
-        The step thread makes every tensor, not just runs the steps: libgomp (torch's CPU threads)
-        keeps a worker pool for each thread that ever ran a parallel op, and once the process holds
-        more of those threads than cores, every pool wakes its workers by futex instead of spinning,
-        so small ops pay a wake-up each (measured on 2 cores: the LoRA op's products 1.7x slower, a
-        whole decode step 10-20%). The caller's thread (an event loop's executor, say) then never
-        starts a pool of its own."""
+        a build error is raised here. The step thread makes every tensor, not just runs the steps,
+        so the caller's thread never starts an OpenMP pool of its own (see README, "CPU threads")."""
         self.config = config
-        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Shutdown] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._live: set[str] = set()  # request ids submitted and not yet finished
+        self._inbox_requests = 0  # requests submitted, not yet taken from the inbox (guarded by _lock)
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._stopping = False  # shutdown begun: admit nothing new
         self._closed = False  # the step thread has ended (guarded by _lock)
@@ -115,29 +150,32 @@ class Engine:
     def submit_many(self, jobs: list[tuple[GenerationRequest, OnToken | None, OnFinish]]) -> None:
         """`submit` for a group that arrived together: the step thread takes in all of it before
         its next step, so the group shares one prefill instead of racing the loop job by job."""
-        for request, _, _ in jobs:
-            if request.adapter is not None:
-                self.prefetch(request.adapter)  # the load overlaps queueing and tokenization
+        taken = tuple(self._job(*job) for job in jobs)
         with self._lock:
             closed = self._closed
             if not closed:
-                self._live.update(request.id for request, _, _ in jobs)
-                self._inbox.put(("submit", jobs))
+                self._live.update(job.request.id for job in taken)
+                self._inbox_requests += len(taken)
+                self._inbox.put(_Submit(taken))
         if closed:  # no engine thread any more to call back from
-            for request, _, on_finish in jobs:
-                self._unwant(request)
-                self._callback(request.id, on_finish, GenerationFailure(request.id, _shut_down()))
+            for job in taken:
+                if job.prefetch is not None:
+                    job.prefetch.release()
+                self._callback(job.request.id, job.on_finish, GenerationFailure(job.request.id, _shut_down()))
         self._wake.set()
 
-    def prefetch(self, adapter: AdapterRef) -> None:
-        """Start loading `adapter` ahead of a request (`submit` does this itself). Each call holds
-        the loaded adapter against eviction until paired with one `release_prefetch`."""
-        self.adapter_store.prefetch(adapter)
+    def _job(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> _Job:
+        if request.adapter is None:
+            return _Job(request, on_token, on_finish, None, 0)
+        generation, _ = self.adapter_store.last_load(request.adapter)
+        lease = self.adapter_store.prefetch(request.adapter)  # the load overlaps queueing and tokenization
+        return _Job(request, on_token, on_finish, lease, generation)
 
-    def release_prefetch(self, adapter: AdapterRef) -> None:
-        """Pair one earlier `prefetch` call: whether or not its request was then submitted (submit
-        holds the adapter for the request on its own), it no longer needs to hold it."""
-        self.adapter_store.unwant(adapter)
+    def prefetch(self, adapter: AdapterRef) -> Lease:
+        """Start loading `adapter` ahead of a request (`submit` does this itself); the loaded adapter
+        is held against eviction until the lease is released. Release it once its request is
+        submitted (submit holds the adapter on its own) or will not be; a second release does nothing."""
+        return self.adapter_store.prefetch(adapter)
 
     def cancel(self, request_id: str) -> bool:
         """True if the request was still live; it then ends with a GenerationFailure (INTERNAL,
@@ -145,7 +183,7 @@ class Engine:
         with self._lock:
             if request_id not in self._live:
                 return False
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(_Cancel(request_id))
         self._wake.set()
         return True
 
@@ -154,7 +192,7 @@ class Engine:
         store's tiers."""
         sched = self.scheduler
         return {
-            "running": len(sched.running), "waiting": sched.num_waiting + self._inbox.qsize(),
+            "running": len(sched.running), "waiting": sched.num_waiting + self._inbox_requests,
             "steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
             "generated_tokens": self.num_generated_tokens, "step_failures": self.num_step_failures,
             "preemptions": sched.num_preemptions, "active_adapters": len(sched.active),
@@ -165,7 +203,7 @@ class Engine:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop admitting: waiting requests (and any submitted later) fail OVERLOADED, retryable;
         running ones finish, or fail the same way when `timeout` seconds pass first."""
-        self._inbox.put(("shutdown", None if timeout is None else time.monotonic() + timeout))
+        self._inbox.put(_Shutdown(None if timeout is None else time.monotonic() + timeout))
         self._wake.set()
         self._thread.join(None if timeout is None else timeout + 5.0)
 
@@ -210,15 +248,16 @@ class Engine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return stop_at
-            kind = command[0]
-            if kind == "submit":
-                for job in command[1]:
-                    self._accept(*job)
-            elif kind == "cancel":
-                self._cancel(command[1])
-            elif kind == "shutdown":
-                stop_at = command[1]
-                self._begin_shutdown()
+            match command:
+                case _Submit(jobs):
+                    for job in jobs:
+                        self._accept(job)
+                    with self._lock:
+                        self._inbox_requests -= len(jobs)
+                case _Cancel(request_id):
+                    self._cancel(request_id)
+                case _Shutdown(stop_at=stop_at):
+                    self._begin_shutdown()
 
     def _begin_shutdown(self) -> None:
         self._stopping = True
@@ -226,8 +265,9 @@ class Engine:
             self._release(seq)
             self._fail(seq, _shut_down())
 
-    def _accept(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:
+    def _accept(self, job: _Job) -> None:
         """Validate and tokenize on the engine thread (the tokenizer is not shared across threads)."""
+        request = job.request
         bound = log.bind(request_id=request.id)
         try:
             if self._stopping:
@@ -243,15 +283,17 @@ class Engine:
             prompt_ids = self._tokenize(request)
         except EngineError as error:
             bound.info("request_rejected", error_type=error.type.value, error=error.message)
-            self._unwant(request)
-            self._finish_callback(request.id, on_finish, GenerationFailure(request.id, error))
+            if job.prefetch is not None:
+                job.prefetch.release()
+            self._finish_callback(request.id, job.on_finish, GenerationFailure(request.id, error))
             return
         params = request.params
         seq = Sequence(
             request=request, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
             sampling=SamplingState.create(params, self.model.device),
             detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
-            on_token=on_token, on_finish=on_finish,
+            on_token=job.on_token, on_finish=job.on_finish,
+            prefetch=job.prefetch, adapter_generation=job.adapter_generation,
         )
         self._seqs[request.id] = seq
         self.scheduler.add(seq)
@@ -305,17 +347,25 @@ class Engine:
             self.scheduler.finish(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.scheduler.remove_waiting(seq)
-            self._unwant_unadmitted(seq)
+        self._end_prefetch(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def _unwant(self, request: GenerationRequest) -> None:
-        """`submit` prefetched the request's adapter; it leaves without acquiring it."""
-        if request.adapter is not None:
-            self.adapter_store.unwant(request.adapter)
+    @staticmethod
+    def _end_prefetch(seq: Sequence) -> None:
+        if seq.prefetch is not None:
+            seq.prefetch.release()
+            seq.prefetch = None
 
-    def _unwant_unadmitted(self, seq: Sequence) -> None:
-        if seq.admitted_at is None:  # never admitted, so never acquired (a preempted one has)
-            self._unwant(seq.request)
+    def _admitted(self, seq: Sequence) -> None:
+        """On its first admission a request's adapter is pinned in a slot, so its prefetch hold
+        ends; it waited for a load if the version it runs on is newer than the one at arrival."""
+        if seq.prefetch is None:  # the base model, or admitted before (preempted, now recomputed)
+            return
+        self._end_prefetch(seq)
+        assert seq.request.adapter is not None
+        generation, load_ms = self.adapter_store.last_load(seq.request.adapter)
+        if generation != seq.adapter_generation:
+            seq.adapter_load_ms = load_ms
 
     def _sweep_deadlines(self) -> None:
         now = time.time()
@@ -333,13 +383,15 @@ class Engine:
         outcome = self.scheduler.schedule()
         for seq, error in outcome.failed:
             seq.status = SequenceStatus.FINISHED
-            self._unwant_unadmitted(seq)
+            self._end_prefetch(seq)
             self._fail(seq, error)
         batch = outcome.batch
         if batch is None:
             return False
         seqs = batch.seqs
         if batch.prefill:  # never compute a request that expired before it ran
+            for seq in seqs:
+                self._admitted(seq)
             now = time.time()
             late = [s for s in seqs if s.num_output_tokens == 0 and s.request.deadline is not None
                     and now >= s.request.deadline]
@@ -351,7 +403,7 @@ class Engine:
                 return True
         try:
             logits = self.runner.run(seqs, batch.prefill)  # [B, V] fp32
-            token_ids, logprobs = self.sampler.sample(logits, [s.sampling for s in seqs], [s.token_ids for s in seqs])
+            token_ids, logprobs = self.sampler.sample(logits, [_sampling(s) for s in seqs], [s.token_ids for s in seqs])
         except Exception as exc:
             self.num_step_failures += 1
             log.exception("step_failed", prefill=batch.prefill, rows=len(seqs),
@@ -365,7 +417,7 @@ class Engine:
         if batch.prefill:
             self.num_prefill_tokens += sum(s.num_tokens for s in seqs)
         self.num_generated_tokens += len(seqs)
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
             try:
                 self._append_token(seq, token_id, logprob)
             except Exception as exc:  # detokenizer or bookkeeping bug: this request only
@@ -376,45 +428,44 @@ class Engine:
         return True
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
-        params = seq.request.params
+        params, detokenizer = seq.request.params, _detokenizer(seq)
         seq.token_ids.append(token_id)
         if seq.first_token_at is None:
             seq.first_token_at = time.time()
         reason = None
         if token_id in self.model.eos_token_ids and not params.ignore_eos:
-            text, reason = seq.detokenizer.flush(), "eos_token"
+            text, reason = detokenizer.flush(), "eos_token"
         else:
-            text, stopped = seq.detokenizer.add(token_id)
+            text, stopped = detokenizer.add(token_id)
             if stopped:
                 reason = "stop_sequence"
             elif seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self._max_model_len:
-                text, reason = text + seq.detokenizer.flush(), "length"
+                text, reason = text + detokenizer.flush(), "length"
         event = TokenEvent(seq.request_id, seq.num_output_tokens - 1, token_id, text, logprob)
         if params.logprobs:
             seq.events.append(event)
         if seq.on_token is not None:
             self._callback(seq.request_id, seq.on_token, event)
         if reason is not None:
-            seq.finish_reason = reason
             self._release(seq)
-            self._complete(seq)
+            self._complete(seq, reason)
 
-    def _complete(self, seq: Sequence) -> None:
+    def _complete(self, seq: Sequence, finish_reason: str) -> None:
+        seq.finish_reason = finish_reason
         request = seq.request
         now = time.time()
         arrival = request.arrival_time
-        adapter_ms = self.adapter_store.load_ms(request.adapter) if request.adapter else 0.0
         timings = Timings(
-            queue_ms=((seq.admitted_at or now) - arrival) * 1000, adapter_load_ms=adapter_ms,
+            queue_ms=((seq.admitted_at or now) - arrival) * 1000, adapter_load_ms=seq.adapter_load_ms,
             ttft_ms=((seq.first_token_at or now) - arrival) * 1000, total_ms=(now - arrival) * 1000,
         )
         result = Completion(
-            request_id=request.id, text=seq.detokenizer.text, finish_reason=seq.finish_reason,
+            request_id=request.id, text=_detokenizer(seq).text, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens, timings=timings,
-            adapter_id=request.adapter.id if request.adapter else None, seed=seq.sampling.seed,
+            adapter_id=request.adapter.id if request.adapter else None, seed=_sampling(seq).seed,
             tokens=tuple(seq.events), token_ids=tuple(seq.output_ids),
         )
-        log.info("request_done", request_id=request.id, finish_reason=seq.finish_reason,
+        log.info("request_done", request_id=request.id, finish_reason=finish_reason,
                  prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens,
                  preemptions=seq.num_preemptions, ttft_ms=round(timings.ttft_ms, 1),
                  total_ms=round(timings.total_ms, 1))
@@ -430,11 +481,12 @@ class Engine:
         if self._seqs.get(seq.request_id) is seq:
             del self._seqs[seq.request_id]
 
-    def _finish_callback(self, request_id: str, on_finish: OnFinish, outcome: Outcome) -> None:
+    def _finish_callback(self, request_id: str, on_finish: OnFinish | None, outcome: Outcome) -> None:
         if request_id not in self._seqs:  # else a rejected duplicate id: the original still runs
             with self._lock:
                 self._live.discard(request_id)
-        self._callback(request_id, on_finish, outcome)
+        if on_finish is not None:  # None only for sequences built outside the engine (tests)
+            self._callback(request_id, on_finish, outcome)
 
     @staticmethod
     def _callback(request_id: str, fn: Callable, arg) -> None:
@@ -446,3 +498,13 @@ class Engine:
 
 def _shut_down() -> EngineError:
     return EngineError(ErrorType.OVERLOADED, "engine shutting down", retryable=True)
+
+
+def _sampling(seq: Sequence) -> SamplingState:
+    assert seq.sampling is not None, "the engine gives every sequence one"
+    return seq.sampling
+
+
+def _detokenizer(seq: Sequence) -> Detokenizer:
+    assert seq.detokenizer is not None, "the engine gives every sequence one"
+    return seq.detokenizer

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 import torch
 
-from engine.config import EMBEDDED_MODEL, LORA_MODULES, EngineConfig
+from engine.config import EMBEDDED_MODEL, LORA_MODULE_PARENT, LORA_MODULES, EngineConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -91,11 +91,9 @@ def _source(config: EngineConfig) -> tuple[str, str | None]:
 
 
 def _module_shapes(layer: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    parents = {"q_proj": layer.self_attn, "k_proj": layer.self_attn, "v_proj": layer.self_attn,
-               "o_proj": layer.self_attn, "gate_proj": layer.mlp, "up_proj": layer.mlp, "down_proj": layer.mlp}
     shapes = {}
     for name in LORA_MODULES:
-        linear = getattr(parents[name], name)
+        linear = getattr(getattr(layer, LORA_MODULE_PARENT[name]), name)
         shapes[name] = (linear.in_features, linear.out_features)
     return shapes
 
@@ -113,7 +111,7 @@ def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
 
 def load_model(config: EngineConfig) -> LoadedModel:
     """Load weights + tokenizer, check the architecture, and build the spec. Progress is logged
-    (GGUF dequantisation of SmolLM2 takes ~20 s on a laptop-class CPU)."""
+    (dequantising a GGUF file, the embedded model's included, takes a while)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = resolve_device_dtype(config)
@@ -133,7 +131,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     log.info("model_tokenizer_loaded", vocab=len(tokenizer), seconds=round(time.perf_counter() - start, 2))
     hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    hf_model.to(device).eval().requires_grad_(False)
+    hf_model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types `to` oddly
 
     layers = hf_model.model.layers
     spec = ModelSpec(

@@ -7,9 +7,11 @@ This module imports no torch: the consumer builds requests and reads outcomes wi
 from __future__ import annotations
 
 import enum
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Union
 
 
 class ErrorType(str, enum.Enum):
@@ -51,20 +53,24 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks only (not on the wire): always run to max_new_tokens
 
     def __post_init__(self) -> None:
+        """The one check of these values (the wire protocol checks only their JSON types). Raises
+        ValueError starting with the field's name: error replies quote it as `parameters.<it>`."""
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        if not 0.0 < self.temperature < math.inf:  # NaN fails too
+            raise ValueError("temperature must be finite and > 0")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be >= 1")
         for name in ("top_p", "typical_p"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1]")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError("repetition_penalty must be finite and > 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop sequences must be non-empty strings")
+            raise ValueError("stop must be a list of non-empty strings")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError("seed must be in 0..2**64-1")
 
     @property
     def greedy(self) -> bool:

@@ -60,8 +60,8 @@ class Sampler:
         logits /= temperature[:, None]  # greedy rows ignore temperature, as in transformers
 
         token_ids = logits.argmax(dim=-1)  # [B]; the answer for greedy rows, ties -> lowest id
-        # Row by row: each draws from its own generator. Per row at V=49k on one CPU core: ~1 ms
-        # for multinomial, ~4 ms more when top_p/typical_p sort the vocabulary.
+        # Row by row: each draws from its own generator (top_p / typical_p sort the vocabulary:
+        # the dearest part, still small beside the forward).
         for i, state in enumerate(states):
             if state.generator is not None:
                 probs = warp(logits[i], state.params).softmax(dim=-1)  # [V]
@@ -72,7 +72,7 @@ class Sampler:
         if wanted:
             rows = torch.tensor(wanted, device=logits.device)
             chosen = torch.log_softmax(logits[rows], dim=-1).gather(1, token_ids[rows, None])  # [W, 1]
-            for i, lp in zip(wanted, chosen[:, 0].tolist()):
+            for i, lp in zip(wanted, chosen[:, 0].tolist(), strict=True):
                 logprobs[i] = lp
         return token_ids.tolist(), logprobs
 

@@ -96,7 +96,7 @@ class Scheduler:
     def _drop_queue_if_empty(self, key: str | None) -> None:
         if key in self.queues and not self.queues[key]:
             del self.queues[key]
-            if key in self.rotation:
+            if key is not None and key in self.rotation:
                 self.rotation.remove(key)
 
     def waiting(self) -> list[Sequence]:
@@ -166,7 +166,9 @@ class Scheduler:
         """Is the adapter ready? A failed adapter fails every request queued for it."""
         if self.adapters is None:
             return True
-        state = self.adapters.poll(self.queues[key][0].request.adapter)
+        ref = self.queues[key][0].request.adapter
+        assert ref is not None, "adapter queues hold requests with that adapter"
+        state = self.adapters.poll(ref)
         if isinstance(state, EngineError):
             for seq in self.queues.pop(key):
                 failed.append((seq, state))
@@ -210,7 +212,7 @@ class Scheduler:
 
     def _admit_waiting(self, failed: list[tuple[Sequence, EngineError]]) -> list[Sequence]:
         """Fill free rows from eligible queues, fewest running rows first, then oldest head."""
-        eligible = [k for k in self.active if not self.active[k].draining and k in self.queues]
+        eligible: list[str | None] = [k for k in self.active if not self.active[k].draining and k in self.queues]
         if None in self.queues:
             eligible.append(None)
         heap = [self._priority(k) for k in eligible]
@@ -228,7 +230,7 @@ class Scheduler:
             if not self.blocks.can_allocate(seq):
                 break
             slot = -1
-            if key is not None and self.adapters is not None:
+            if seq.request.adapter is not None and self.adapters is not None:
                 acquired = self.adapters.acquire(seq.request.adapter)
                 if acquired is None:
                     continue  # every device slot is pinned: this adapter waits, others go on

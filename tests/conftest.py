@@ -82,3 +82,23 @@ async def app(topology):
     a = await App(topology).open()
     yield a
     await a.close()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster_session(tmp_path_factory):
+    """A 3-node RabbitMQ cluster on this host (tests/cluster.py), started once per session."""
+    from tests.cluster import RabbitCluster, find_scripts
+
+    if find_scripts() is None:
+        pytest.skip("needs rabbitmq-server and rabbitmqctl on this host")
+    cluster = RabbitCluster(tmp_path_factory.mktemp("rabbit_cluster"))
+    cluster.start_cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def rabbit_cluster(rabbit_cluster_session):
+    """The session's cluster, every node running; the nodes a test stopped are started after it."""
+    yield rabbit_cluster_session
+    rabbit_cluster_session.start_stopped()

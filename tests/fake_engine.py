@@ -12,9 +12,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.request import (AdapterRef, EngineError, ErrorType, GenerationFailure,
-                            GenerationRequest, Completion, OnFinish, OnToken, Timings,
-                            TokenEvent)
+from engine.lease import Lease
+from engine.request import (
+    AdapterRef,
+    Completion,
+    EngineError,
+    ErrorType,
+    GenerationFailure,
+    GenerationRequest,
+    OnFinish,
+    OnToken,
+    Timings,
+    TokenEvent,
+)
 
 EOS = "."  # the fake's output ends here: finish_reason eos_token
 
@@ -57,6 +67,8 @@ class FakeEngine:
         self.prefetched: list[str] = []  # AdapterRef.key
         self.released_prefetches: list[str] = []  # AdapterRef.key
         self.batches: list[tuple[str | None, ...]] = []  # adapters of every step with rows
+        self.cancelled: list[str] = []  # request ids, in cancel order
+        self._cancelling: set[str] = set()  # running requests to end before the next step
         self._waiting: deque[_Run] = deque()
         self._running: list[_Run] = []
         self._lock = threading.Lock()
@@ -78,16 +90,22 @@ class FakeEngine:
             self._waiting.extend(runs)
         self._wake.set()
 
-    def prefetch(self, adapter: AdapterRef) -> None:
+    def prefetch(self, adapter: AdapterRef) -> Lease:
+        def release() -> None:
+            with self._lock:
+                self.released_prefetches.append(adapter.key)
+
         with self._lock:
             self.prefetched.append(adapter.key)
-
-    def release_prefetch(self, adapter: AdapterRef) -> None:
-        with self._lock:
-            self.released_prefetches.append(adapter.key)
+        return Lease(release)
 
     def cancel(self, request_id: str) -> bool:
+        """Like the engine's: a waiting request ends at once, a running one before the next step."""
         with self._lock:
+            self.cancelled.append(request_id)
+            if any(run.request.id == request_id for run in self._running):
+                self._cancelling.add(request_id)
+                return True
             for run in list(self._waiting):
                 if run.request.id == request_id:
                     self._waiting.remove(run)
@@ -153,6 +171,12 @@ class FakeEngine:
         return admitted
 
     def _step(self) -> None:
+        with self._lock:
+            cancelled = [r for r in self._running if r.request.id in self._cancelling]
+            self._cancelling.clear()
+        for run in cancelled:
+            self._running.remove(run)
+            run.on_finish(GenerationFailure(run.request.id, EngineError(ErrorType.INTERNAL, "cancelled")))
         self._steps += 1
         self.batches.append(tuple(self._adapter(r) for r in self._running))
         now = time.time()

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consumer.logging import configure_logging  # noqa: E402
+from consumer.service import run_worker  # noqa: E402
 from consumer.settings import WorkerSettings  # noqa: E402
-from consumer.worker import run_worker  # noqa: E402
 from engine.request import EngineError, ErrorType  # noqa: E402
 from tests.fake_engine import FakeEngine  # noqa: E402
 

@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import json
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,13 +20,31 @@ import pytest
 
 from consumer import cli
 from consumer.client import (
-    Client, GenerationError, GenerationResult, GenerationTimeout, LoraqError, SyncClient, Token,
+    Client,
+    GenerationError,
+    GenerationResult,
+    GenerationTimeout,
+    LoraqError,
+    SyncClient,
+    Token,
     UnroutableError,
 )
 from consumer.protocol import (
-    JSON, MSGPACK, REPLY_ERROR, REPLY_RESULT, REPLY_TOKEN, Job, Limits, ProtocolError, Topology,
-    decode_job, encode, error_body, result_body, token_body,
+    JSON,
+    MSGPACK,
+    Details,
+    ErrorReply,
+    FinalReply,
+    Job,
+    Limits,
+    ProtocolError,
+    Reply,
+    TokenReply,
+    Topology,
+    decode_job,
+    encode,
 )
+from engine.request import Timings
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +61,7 @@ class Responder:
         self.jobs: list[Job] = []
         self.properties: list[aio_pika.abc.AbstractIncomingMessage] = []
 
-    async def __aenter__(self) -> "Responder":
+    async def __aenter__(self) -> Responder:
         self.connection = await aio_pika.connect(URL)
         self.channel = await self.connection.channel()
         exchange = await self.channel.declare_exchange(
@@ -55,10 +74,10 @@ class Responder:
     async def __aexit__(self, *exc) -> None:
         await self.connection.close()
 
-    async def reply(self, job: Job, kind: str, body: dict, correlation_id: str | None = None) -> None:
+    async def reply(self, job: Job, reply: Reply, correlation_id: str | None = None) -> None:
         await self.channel.default_exchange.publish(
-            aio_pika.Message(encode(body, job.content_type), content_type=job.content_type,
-                             correlation_id=correlation_id or job.correlation_id, type=kind),
+            aio_pika.Message(encode(reply.to_wire(), job.content_type), content_type=job.content_type,
+                             correlation_id=correlation_id or job.correlation_id, type=reply.KIND),
             routing_key=job.reply_to)
 
     async def on_job(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -75,36 +94,25 @@ class Responder:
             if prompt.startswith("error:"):
                 error_type = prompt.split(":", 1)[1]
                 for _ in range(times):
-                    await self.reply(job, REPLY_ERROR, error_body(
-                        job.id, error_type, f"bad {error_type}", error_type == "overloaded"))
+                    await self.reply(job, ErrorReply(job.id, error_type, f"bad {error_type}",
+                                                     error_type == "overloaded"))
                 return
             text = prompt.upper()
             if prompt == "stray":
-                await self.reply(job, REPLY_RESULT, self.result(job, "NOT YOURS"), uuid.uuid4().hex)
+                await self.reply(job, self.result(job, "NOT YOURS"), uuid.uuid4().hex)
             if job.stream:
                 for i, ch in enumerate(text):
                     for _ in range(times):
-                        await self.reply(job, REPLY_TOKEN, token_body(job.id, i, ord(ch), ch, -0.5))
+                        await self.reply(job, TokenReply(job.id, Token(i, ord(ch), ch, -0.5)))
             for _ in range(times):
-                await self.reply(job, REPLY_RESULT, self.result(job, text))
+                await self.reply(job, self.result(job, text))
 
     @staticmethod
-    def result(job: Job, text: str) -> dict:
-        return result_body(job.id, text, finish_reason="length", prompt_tokens=3,
-                           generated_tokens=len(text), seed=None, adapter_id=job.adapter_id,
-                           timings={"queue_ms": 1.0, "ttft_ms": 2.0, "total_ms": 3.0})
-
-
-@pytest.fixture
-async def topology():
-    topo = Topology.prefixed(f"test-client-{uuid.uuid4().hex[:8]}")
-    yield topo
-    # the exchange is durable (declared by the client too): remove it
-    connection = await aio_pika.connect(URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.exchange_delete(topo.exchange)
-        await channel.queue_delete(topo.queue)
+    def result(job: Job, text: str) -> FinalReply:
+        return GenerationResult(
+            id=job.id, generated_text=text, adapter_id=job.adapter_id,
+            details=Details(finish_reason="length", prompt_tokens=3, generated_tokens=len(text)),
+            timings=Timings(queue_ms=1.0, adapter_load_ms=0.0, ttft_ms=2.0, total_ms=3.0))
 
 
 @pytest.fixture
@@ -154,13 +162,14 @@ async def test_result(topology, responder, content_type):
     assert isinstance(result, GenerationResult)
     assert result.generated_text == "HELLO"
     assert result.id == "job-1" and result.adapter_id == "acme/bot"
-    assert result.details["finish_reason"] == "length" and result.details["generated_tokens"] == 5
-    assert result.timings["ttft_ms"] == 2.0
-    assert result.raw["generated_text"] == "HELLO"
+    assert result.details.finish_reason == "length" and result.details.generated_tokens == 5
+    assert result.timings.ttft_ms == 2.0
+    assert result.to_wire()["generated_text"] == "HELLO"
     (job,), (message,) = responder.jobs, responder.properties
     assert job.id == "job-1" and job.content_type == content_type and not job.stream
-    assert job.parameters.max_new_tokens == 7 and job.parameters.temperature == 0.5
-    assert job.parameters.stop == ("\n",) and job.parameters.seed == 3
+    sampling = job.parameters.sampling
+    assert sampling.max_new_tokens == 7 and sampling.temperature == 0.5
+    assert sampling.stop == ("\n",) and sampling.seed == 3
     assert message.message_id == "job-1" and message.correlation_id != "job-1"
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert message.reply_to == client._reply_queue
@@ -265,8 +274,9 @@ async def test_sync_client(topology, responder):
 
 
 async def test_sync_client_connect_failure_stops_its_thread():
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectionError):
         await asyncio.to_thread(SyncClient, "amqp://guest:guest@127.0.0.1:1/")
+    assert "loraq-client" not in {t.name for t in threading.enumerate()}
 
 
 def _cli_args(topology: Topology, *args: str) -> list[str]:
@@ -278,8 +288,8 @@ async def test_cli_generate(topology, responder, capsys):
                                                      "--max-new-tokens", "9", "--temperature", "0.7"))
     assert rc == 0 and capsys.readouterr().out == "HELLO CLI\n"
     job = responder.jobs[-1]
-    assert job.adapter_id == "a/b" and job.parameters.max_new_tokens == 9
-    assert job.parameters.temperature == 0.7 and job.content_type == MSGPACK
+    assert job.adapter_id == "a/b" and job.parameters.sampling.max_new_tokens == 9
+    assert job.parameters.sampling.temperature == 0.7 and job.content_type == MSGPACK
 
     rc = await asyncio.to_thread(cli.main, _cli_args(topology, "streamed", "--stream"))
     assert rc == 0 and capsys.readouterr().out == "STREAMED\n"

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgpack
 import pytest
 
 from consumer import protocol
-from consumer.protocol import (JSON, MSGPACK, Limits, ProtocolError, Topology, decode_job,
-                               decode_reply, encode, encode_job)
+from consumer.protocol import (
+    JSON,
+    MSGPACK,
+    Limits,
+    ProtocolError,
+    Topology,
+    decode_job,
+    decode_reply,
+    encode,
+    encode_job,
+)
+from engine.request import SamplingParams, Timings
 
 LIMITS = Limits()
 
@@ -39,9 +49,10 @@ def test_roundtrip_both_content_types(ct):
     assert j.id == "m1" and j.correlation_id == "c1" and j.reply_to == "q"
     assert j.content_type == ct.split(";")[0]
     assert j.inputs == "hello" and j.messages is None and j.stream
-    p = j.parameters
-    assert (p.adapter_id, p.max_new_tokens, p.stop, p.temperature, p.do_sample, p.seed, p.details) \
+    p, s = j.parameters, j.parameters.sampling
+    assert (p.adapter_id, s.max_new_tokens, s.stop, s.temperature, s.do_sample, s.seed, p.details) \
         == ("acme/bot", 7, ("\n\n",), 0.7, True, 3, True)
+    assert s.logprobs and isinstance(s.temperature, float)
 
 
 def test_lorax_payload_without_v_and_with_unknown_fields():
@@ -55,8 +66,8 @@ def test_lorax_payload_without_v_and_with_unknown_fields():
 def test_defaults_and_empty_adapter_means_base():
     j = job({"v": 1, "inputs": "x", "parameters": {"adapter_id": "", "top_k": None}})
     p = j.parameters
-    assert p.adapter_id is None and p.max_new_tokens == 64 and p.temperature == 1.0
-    assert not p.do_sample and p.top_k is None and p.stop == () and not j.stream
+    assert p.adapter_id is None and p.sampling == SamplingParams() and not p.details
+    assert not p.return_full_text and not j.stream
 
 
 def test_messages():
@@ -97,10 +108,15 @@ BAD = [
     ("temperature zero", {"inputs": "x", "parameters": {"temperature": 0}}, MSGPACK),
     ("temperature nan", {"inputs": "x", "parameters": {"temperature": float("nan")}}, MSGPACK),
     ("temperature string", {"inputs": "x", "parameters": {"temperature": "hot"}}, MSGPACK),
+    ("temperature infinite", {"inputs": "x", "parameters": {"temperature": float("inf")}}, MSGPACK),
+    ("repetition_penalty nan", {"inputs": "x", "parameters": {"repetition_penalty": float("nan")}},
+     MSGPACK),
+    ("typical_p zero", {"inputs": "x", "parameters": {"typical_p": 0}}, MSGPACK),
     ("top_p > 1", {"inputs": "x", "parameters": {"top_p": 1.5}}, MSGPACK),
     ("top_k 0", {"inputs": "x", "parameters": {"top_k": 0}}, MSGPACK),
     ("do_sample int", {"inputs": "x", "parameters": {"do_sample": 1}}, MSGPACK),
     ("seed negative", {"inputs": "x", "parameters": {"seed": -1}}, MSGPACK),
+    ("seed too big", {"inputs": "x", "parameters": {"seed": 2**64}}, JSON),
     ("stop a string", {"inputs": "x", "parameters": {"stop": "\n"}}, MSGPACK),
     ("stop with empty", {"inputs": "x", "parameters": {"stop": [""]}}, MSGPACK),
     ("stop with number", {"inputs": "x", "parameters": {"stop": [3]}}, MSGPACK),
@@ -126,6 +142,30 @@ def test_bad_jobs_are_validation_errors(name, body, ct):
     assert e.error_type == protocol.VALIDATION and e.message and not e.retryable
 
 
+@pytest.mark.parametrize("parameters,message", [
+    ({"max_new_tokens": 0}, "parameters.max_new_tokens must be >= 1"),
+    ({"max_new_tokens": 10**6}, "parameters.max_new_tokens must be in 1..4096"),
+    ({"temperature": 0}, "parameters.temperature must be finite and > 0"),
+    ({"temperature": "hot"}, "parameters.temperature must be number, got str"),
+    ({"top_k": 0}, "parameters.top_k must be >= 1"),
+    ({"top_p": 1.5}, "parameters.top_p must be in (0, 1]"),
+    ({"repetition_penalty": -1}, "parameters.repetition_penalty must be finite and > 0"),
+    ({"stop": [""]}, "parameters.stop must be a list of non-empty strings"),
+    ({"stop": ["a"] * 9}, "parameters.stop has more than 8 sequences"),
+    ({"seed": -1}, "parameters.seed must be in 0..2**64-1"),
+])
+def test_parameter_errors_name_the_field(parameters, message):
+    """Sampling values are checked once, by the engine's SamplingParams; the error names the field."""
+    assert error_of({"inputs": "x", "parameters": parameters}).message == message
+
+
+def test_sampling_params_check_their_values_themselves():
+    with pytest.raises(ValueError, match="^temperature must be finite and > 0$"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="^seed "):
+        SamplingParams(seed=2**64)
+
+
 def test_size_limits():
     small = Limits(max_body_bytes=100, max_prompt_chars=10)
     assert error_of({"inputs": "x" * 200}, limits=small).error_type == protocol.VALIDATION
@@ -143,7 +183,7 @@ def test_deadlines():
     # expiration counts from receipt, tightened by the (whole-second) publish timestamp
     j = job({"inputs": "x"}, expiration="2000", received_ms=now_ms)
     assert j.deadline_ms == int(now_ms + 2000)
-    old = datetime.fromtimestamp(now_ms / 1000 - 10, tz=timezone.utc)
+    old = datetime.fromtimestamp(now_ms / 1000 - 10, tz=UTC)
     assert job({"inputs": "x"}, expiration=2000, timestamp=old, received_ms=now_ms).expired()
     # both: the earlier wins
     j = job({"inputs": "x"}, headers={"x-deadline-ms": int(now_ms) + 100}, expiration="5000",
@@ -168,25 +208,48 @@ def test_encode_job_validates_locally():
     assert body == {"v": 1, "inputs": "x", "parameters": {"seed": 1}}
 
 
-def test_reply_bodies_and_decode_reply():
-    r = protocol.result_body("j", "out", finish_reason="length", prompt_tokens=3,
-                             generated_tokens=2, seed=None, adapter_id="a",
-                             timings={"queue_ms": 1.23456, "adapter_load_ms": 0, "ttft_ms": 2,
-                                      "total_ms": 3})
-    assert r["details"] == {"finish_reason": "length", "prompt_tokens": 3, "generated_tokens": 2,
-                            "seed": None}
-    assert r["timings"]["queue_ms"] == 1.235 and r["v"] == 1 and r["adapter_id"] == "a"
-    for ct in (MSGPACK, JSON):
-        assert decode_reply(encode(r, ct), ct, protocol.REPLY_RESULT) == r
-    t = protocol.token_body("j", 0, 5, "a", None)
-    assert t == {"v": 1, "id": "j", "index": 0, "token": {"id": 5, "text": "a", "logprob": None}}
-    e = protocol.error_body(None, "nonsense", "boom")
-    assert e["error_type"] == "internal" and e["id"] is None and e["retryable"] is False
-    with pytest.raises(ProtocolError):
+RESULT = protocol.GenerationResult(
+    id="j", generated_text="out", adapter_id="a", timings=Timings(1.23456, 0.0, 2.0, 3.0),
+    details=protocol.Details(finish_reason="length", prompt_tokens=3, generated_tokens=2, seed=None))
+
+
+def test_replies_on_the_wire():
+    assert RESULT.to_wire() == {
+        "v": 1, "id": "j", "generated_text": "out", "adapter_id": "a",
+        "details": {"finish_reason": "length", "prompt_tokens": 3, "generated_tokens": 2, "seed": None},
+        "timings": {"queue_ms": 1.235, "adapter_load_ms": 0.0, "ttft_ms": 2.0, "total_ms": 3.0}}
+    t = protocol.TokenReply("j", protocol.Token(0, 5, "a", None))
+    assert t.to_wire() == {"v": 1, "id": "j", "index": 0, "token": {"id": 5, "text": "a", "logprob": None}}
+    e = protocol.ErrorReply(None, "nonsense", "boom")
+    assert e.to_wire() == {"v": 1, "id": None, "error": "boom", "error_type": "internal", "retryable": False}
+
+
+@pytest.mark.parametrize("ct", [MSGPACK, JSON])
+def test_replies_round_trip(ct):
+    detailed = dataclasses.replace(RESULT, timings=Timings(1.5, 0.0, 2.0, 3.0), details=dataclasses.replace(
+        RESULT.details, tokens=(protocol.Token(0, 7, "o", -0.5), protocol.Token(1, 8, "ut", -1.0))))
+    replies = [detailed, protocol.TokenReply("j", protocol.Token(3, 5, "a", -0.25)),
+               protocol.ErrorReply("j", "overloaded", "busy", retryable=True)]
+    for reply in replies:
+        assert decode_reply(encode(reply.to_wire(), ct), ct, reply.KIND) == reply
+    back = decode_reply(encode(RESULT.to_wire(), ct), ct, "result")
+    assert back.timings.queue_ms == 1.235 and back.details.tokens is None
+
+
+def test_malformed_replies():
+    with pytest.raises(ProtocolError, match="malformed result reply"):
         decode_reply(encode({"id": "j"}, JSON), JSON, protocol.REPLY_RESULT)
-    with pytest.raises(ProtocolError):
-        decode_reply(encode(r, JSON), JSON, "weird")
-    assert json.loads(encode(t, JSON)) == t
+    with pytest.raises(ProtocolError, match="malformed token reply"):
+        decode_reply(encode({"id": "j", "index": 0, "token": 5}, JSON), JSON, protocol.REPLY_TOKEN)
+    with pytest.raises(ProtocolError, match="unknown reply type"):
+        decode_reply(encode(RESULT.to_wire(), JSON), JSON, "weird")
+    with pytest.raises(ProtocolError, match="must be a map"):
+        decode_reply(encode([1], JSON), JSON, protocol.REPLY_ERROR)
+
+
+def test_protocol_error_types_are_checked():
+    with pytest.raises(ValueError, match="unknown error_type"):
+        ProtocolError("nonsense", "boom")
 
 
 def test_topology():

@@ -4,6 +4,7 @@ Every test declares its own topology, so tests never see each other's jobs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,12 +16,12 @@ import msgpack
 import pytest
 
 from consumer import protocol
-from consumer.protocol import JSON, MSGPACK
+from consumer.protocol import JSON, MSGPACK, Limits, Topology
 from consumer.settings import WorkerSettings
 from consumer.worker import Worker
+from engine.config import EngineConfig
 from engine.request import EngineError, ErrorType
-from tests.amqp_helpers import (AMQP_URL, WorkerProcess, require_affinity, wait_for, worker_args,
-                                worker_settings)
+from tests.amqp_helpers import AMQP_URL, WorkerProcess, require_affinity, wait_for, worker_args, worker_settings
 from tests.fake_engine import FakeEngine, expected_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +59,8 @@ async def test_job_gets_result_in_its_content_type(make_worker, app, ct):
     await app.wait(cid)
     (reply,) = app.replies[cid]
     assert reply.content_type == ct and reply.type == "result" and reply.correlation_id == cid
-    body = protocol.decode_reply(reply.body, ct, "result")
+    body = protocol.decode(reply.body, ct)
+    assert protocol.decode_reply(reply.body, ct, reply.type).generated_text == body["generated_text"]
     assert body["v"] == 1 and body["id"] == cid and body["adapter_id"] == "acme/bot"
     assert body["generated_text"] == expected_text("hello", "acme/bot")
     assert body["details"]["finish_reason"] == "eos_token"
@@ -93,9 +95,9 @@ async def test_streaming_tokens_in_order_then_result(make_worker, app):
         replies = await app.wait(cid)
         kinds = [m.type for m in replies]
         assert kinds[-1] == "result" and set(kinds[:-1]) == {"token"}
-        tokens = [protocol.decode_reply(m.body, m.content_type, m.type) for m in replies[:-1]]
+        tokens = [protocol.decode(m.body, m.content_type) for m in replies[:-1]]
         assert [t["index"] for t in tokens] == list(range(len(tokens)))
-        result = protocol.decode_reply(replies[-1].body, replies[-1].content_type, "result")
+        result = protocol.decode(replies[-1].body, replies[-1].content_type)
         assert "".join(t["token"]["text"] for t in tokens) == result["generated_text"] \
             == expected_text(f"stream {i}")
 
@@ -133,6 +135,7 @@ async def test_groups_are_batched_with_several_adapters(make_worker, app):
     assert max(len(set(b)) for b in engine.batches) >= 2  # several adapters in one step
     assert max(len(b) for b in engine.batches) >= 4
     assert sorted(set(engine.prefetched)) == ["local:a", "local:b", "local:c"]
+    assert sorted(engine.released_prefetches) == sorted(engine.prefetched)  # each lease, once
     metrics = worker.metrics.render().decode()
     assert "loraq_batch_size_count" in metrics and "loraq_batch_adapters_bucket" in metrics
 
@@ -168,7 +171,7 @@ async def test_every_bad_input_is_answered_and_dead_lettered(make_worker, app):
     for i, (body, ct, _) in enumerate(BAD_JOBS):
         cids.append(await app.publish_raw(body, ct, correlation_id=f"bad-{i}"))
     good = await app.publish(inputs="still alive")
-    for cid, (_, _, error_type) in zip(cids, BAD_JOBS):
+    for cid, (_, _, error_type) in zip(cids, BAD_JOBS, strict=True):
         await app.wait(cid)
         kind, body = app.final(cid)
         assert kind == "error" and body["error_type"] == error_type, (cid, body)
@@ -178,7 +181,7 @@ async def test_every_bad_input_is_answered_and_dead_lettered(make_worker, app):
 
     dead = await app.dead(len(BAD_JOBS))
     by_cid = {m.correlation_id: m for m in dead}
-    for cid, (body, _, error_type) in zip(cids, BAD_JOBS):
+    for cid, (body, _, error_type) in zip(cids, BAD_JOBS, strict=True):
         m = by_cid[cid]
         assert m.headers[protocol.HEADER_ERROR_CODE] == error_type
         assert m.headers[protocol.HEADER_ERROR]
@@ -275,6 +278,27 @@ async def test_retryable_failure_requeued_then_dead_lettered_with_reason(make_wo
     assert app.final(ok)[0] == "result"
 
 
+async def test_drain_cancels_what_outlives_the_grace_period(app, topology):
+    """A job still running when the grace period ends is cancelled on the engine and left
+    unacked: it goes back to the queue for the next worker, unanswered."""
+    engine = FakeEngine(slow={"slow": 3.0})
+    worker = Worker(worker_settings(topology, shutdown_grace_s=0.2), engine)
+    await worker.start()
+    try:
+        cid = await app.publish(inputs="s", parameters={"adapter_id": "slow", "max_new_tokens": 2})
+        await wait_for(lambda: engine.stats()["running"] == 1, 5, "slow job running")
+    finally:
+        await worker.drain()
+    assert engine.cancelled == [cid]
+    assert cid not in app.replies
+    for _ in range(50):
+        if await app.queue_depth(topology.queue) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await app.queue_depth(topology.queue) == 1
+    engine.shutdown(2)
+
+
 async def test_health_and_metrics_endpoints(make_worker, app):
     import socket
 
@@ -355,12 +379,12 @@ async def test_affinity_jobs_reach_the_shared_queue_without_a_live_worker(app, t
 
 
 async def test_affinity_without_the_broker_plugin_fails_clearly(topology, monkeypatch):
-    import consumer.worker
+    import consumer.topology
 
-    monkeypatch.setattr(consumer.worker, "AFFINITY_EXCHANGE_TYPE", "x-loraq-no-such-type")
+    monkeypatch.setattr(consumer.topology, "AFFINITY_EXCHANGE_TYPE", "x-loraq-no-such-type")
     engine = FakeEngine()
     worker = Worker(worker_settings(topology, affinity=True), engine)
-    with pytest.raises(consumer.worker.AffinityUnavailable, match="rabbitmq-plugins enable"):
+    with pytest.raises(consumer.topology.AffinityUnavailable, match="rabbitmq-plugins enable"):
         await worker.start()
     assert worker._connection.is_closed  # no robust reconnect loop left behind
     engine.shutdown(2)
@@ -369,21 +393,45 @@ async def test_affinity_without_the_broker_plugin_fails_clearly(topology, monkey
 def test_settings_flags_and_env_twins():
     env = {"LORAQ_AMQP_URL": "amqp://u:secret@h:5672/", "LORAQ_MAX_BATCH": "4",
            "LORAQ_PREFETCH": "8", "LORAQ_HUB_ENABLED": "true", "LORAQ_HUB_ALLOW_ORGS": "a, b",
-           "LORAQ_BATCH_WINDOW_MS": "2.5", "LORAQ_MAX_MODEL_LEN": ""}
-    s = WorkerSettings.from_args(["--max-batch", "6", "--adapter-root", "/ad"], env=env)
-    assert (s.max_batch, s.prefetch, s.hub_enabled, s.hub_allow_orgs, s.batch_window_ms) == \
-        (6, 8, True, ("a", "b"), 2.5)
-    assert s.adapter_root == "/ad" and s.max_model_len is None
+           "LORAQ_BATCH_WINDOW_MS": "2.5", "LORAQ_MAX_MODEL_LEN": "", "LORAQ_QUEUE": "q"}
+    s = WorkerSettings.from_args(["--max-batch", "6", "--adapter-root", "/ad", "--max-new-tokens", "9"],
+                                 env=env)
+    assert (s.max_batch, s.prefetch, s.batch_window_ms) == (6, 8, 2.5)
+    assert (s.engine.hub_enabled, s.engine.hub_allow_orgs) == (True, ("a", "b"))
+    assert s.engine.adapter_root == "/ad" and s.engine.max_model_len is None
     assert "secret" not in s.redacted_url() and "u:***@h" in s.redacted_url()
-    assert s.topology().queue == "loraq.generate" and s.limits().max_new_tokens == 4096
+    assert s.topology == Topology(queue="q") and s.limits == Limits(max_new_tokens=9)
     with pytest.raises(ValueError):
         WorkerSettings(max_batch=64, prefetch=8)
     with pytest.raises(SystemExit):
         WorkerSettings.from_args([], env={"LORAQ_MAX_BATCH": "many"})
+    with pytest.raises(TypeError, match="max_messages"):
+        WorkerSettings.from_flags(max_messages=3)  # a limit, but no flag
+
+
+def test_settings_groups_build_the_engine_config():
+    s = WorkerSettings.from_flags(max_batch=16, prefetch=16, kv_cache_mb=64, adapter_host_mb=3,
+                                  max_new_tokens=100, max_stop_length=7, adapter_slots=5)
+    c = s.engine_config()
+    assert (c.max_batch, c.adapter_slots, c.kv_cache_bytes, c.adapter_host_bytes) == \
+        (16, 5, 64 * 2**20, 3 * 2**20)
+    assert (c.max_new_tokens_limit, c.max_stop_sequences, c.max_stop_length) == (100, 8, 7)
+    assert c.adapter_disk_dir == EngineConfig().adapter_disk_dir  # the engine's default
+    assert WorkerSettings.from_flags(adapter_disk_dir="/d").engine_config().adapter_disk_dir == "/d"
+
+
+def test_settings_to_args_rebuilds_them():
+    s = WorkerSettings.from_flags(model="m", adapter_root="/a", max_batch=16, prefetch=64,
+                                  batch_window_ms=2.5, hub_enabled=True, hub_allow_orgs=("x", "y"),
+                                  metrics_port=1234, affinity=True, exchange="ex", max_body_bytes=99)
+    args = s.to_args(skip=("metrics_port",))
+    assert "--metrics-port" not in args and "--queue" not in args  # defaults are left out
+    assert WorkerSettings.from_args(args, env={}) == dataclasses.replace(s, metrics_port=9090)
+    assert WorkerSettings.from_args(WorkerSettings().to_args(), env={}) == WorkerSettings()
 
 
 def test_consumer_package_imports_no_torch():
-    code = ("import sys, consumer.worker, consumer.protocol, consumer.settings; "
+    code = ("import sys, consumer.service, consumer.protocol, consumer.settings; "
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -13,25 +13,15 @@ from safetensors.torch import load_file, save_file
 from engine.adapter import load_peft_adapter
 from engine.model_loader import ModelSpec
 from engine.request import EngineError, ErrorType
-from tests.builders import make_adapter, make_tiny_model
+from tests.builders import make_adapter, make_tiny_model, model_spec
 
 KEY = "base_model.model.model.layers.{}.{}.{}.lora_{}.weight"
-
-
-def spec_of(model_dir: Path) -> ModelSpec:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return ModelSpec(cfg["model_type"], cfg["num_hidden_layers"], h, shapes, model_dir.name)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> tuple[Path, ModelSpec]:
     d = make_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama", layers=3)
-    return d, spec_of(d)
+    return d, model_spec(d)
 
 
 @pytest.fixture(scope="module")
@@ -173,30 +163,25 @@ def test_real_dora_and_bias_adapters_refused(model, tmp_path):
 def test_tensor_refusals(model, plain, tmp_path):
     spec = model[1]
     q0A = KEY.format(0, "self_attn", "q_proj", "A")
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     # missing tensor
     refused(edited(plain, tmp_path / "missing", tensors=lambda t: {k: v for k, v in t.items() if k != q0A}),
             spec, "missing tensor", q0A)
-    # extra tensor (k_proj not targeted)
-    extra = lambda t: {**t, KEY.format(0, "self_attn", "k_proj", "A"): torch.zeros(8, 64)}
-    refused(edited(plain, tmp_path / "extra", tensors=extra), spec, "unexpected tensor", "k_proj")
-    # a tensor of a module we do not know
-    odd = lambda t: {**t, "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": torch.zeros(8, 64)}
-    refused(edited(plain, tmp_path / "odd", tensors=odd), spec, "unexpected tensor")
-    # non-finite values
-    nan = lambda t: {**t, q0A: torch.full_like(t[q0A], float("nan"))}
-    refused(edited(plain, tmp_path / "nan", tensors=nan), spec, "non-finite", q0A)
-    inf = lambda t: {**t, q0A: torch.full_like(t[q0A], float("inf"))}
-    refused(edited(plain, tmp_path / "inf", tensors=inf), spec, "non-finite")
-    # wrong shapes (a different base model)
-    wide = lambda t: {**t, q0A: torch.zeros(8, 32)}
-    refused(edited(plain, tmp_path / "wide", tensors=wide), spec, "shape", "different base model")
-    # DoRA magnitude vector / lora bias tensors slipped in without the config flags
-    mag = lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
-    refused(edited(plain, tmp_path / "mag", tensors=mag), spec, "use_dora")
-    bias = lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.ones(64)}
-    refused(edited(plain, tmp_path / "lbias", tensors=bias), spec, "lora_bias")
-    head = lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.ones(8, 64)}
-    refused(edited(plain, tmp_path / "head", tensors=head), spec, "lm_head")
+    cases = {  # name -> (tensors added or replaced, words of the refusal)
+        "extra": ({KEY.format(0, "self_attn", "k_proj", "A"): torch.zeros(8, 64)},  # k_proj not targeted
+                  ("unexpected tensor", "k_proj")),
+        "odd": ({"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": torch.zeros(8, 64)},
+                ("unexpected tensor",)),  # a module we do not know
+        "nan": ({q0A: torch.full((8, 64), float("nan"))}, ("non-finite", q0A)),
+        "inf": ({q0A: torch.full((8, 64), float("inf"))}, ("non-finite",)),
+        "wide": ({q0A: torch.zeros(8, 32)}, ("shape", "different base model")),  # another base model
+        # DoRA magnitude vector / lora bias tensors slipped in without the config flags
+        "mag": ({f"{q0}.lora_magnitude_vector": torch.ones(64)}, ("use_dora",)),
+        "lbias": ({f"{q0}.lora_B.bias": torch.ones(64)}, ("lora_bias",)),
+        "head": ({"base_model.model.lm_head.lora_A.weight": torch.ones(8, 64)}, ("lm_head",)),
+    }
+    for name, (extra, words) in cases.items():
+        refused(edited(plain, tmp_path / name, tensors=lambda t, extra=extra: {**t, **extra}), spec, *words)
 
 
 def test_other_architecture_refused(model, tmp_path):

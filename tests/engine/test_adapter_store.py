@@ -1,16 +1,14 @@
 """Adapter sources (local root, hub stand-in) and the tiered store: LRU, budgets, pins, prefetch
-dedupe, remembered failures, reload of changed files."""
+dedupe and leases, remembered failures, reload of changed files."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
 import engine.adapter_store as adapter_store
@@ -20,33 +18,15 @@ from engine.config import EngineConfig
 from engine.lora_slots import LoraSlots
 from engine.model_loader import ModelSpec
 from engine.request import AdapterRef, EngineError, ErrorType
-from tests.builders import hub_cache_standin
+from tests.builders import hub_cache_standin, make_adapter
 
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
           "gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64)}
 SPEC = ModelSpec("llama", 2, 64, SHAPES, "tiny")
-PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def write_adapter(d: Path, r=4, targets=("q_proj", "v_proj"), value=None, seed=0) -> Path:
-    """A PEFT-format adapter for SPEC (lora_A filled with `value` if given, so tests can tell versions apart)."""
-    d.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(SPEC.num_layers):
-        for m in targets:
-            fan_in, fan_out = SHAPES[m]
-            pre = f"base_model.model.model.layers.{layer}.{PARENT.get(m, 'self_attn')}.{m}"
-            a = torch.randn(r, fan_in, generator=g) if value is None else torch.full((r, fan_in), float(value))
-            tensors[f"{pre}.lora_A.weight"] = a
-            tensors[f"{pre}.lora_B.weight"] = torch.randn(fan_out, r, generator=g)
-    save_file(tensors, d / "adapter_model.safetensors")
-    (d / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": list(targets), "bias": "none"}))
-    return d
-
-
-def adapter_bytes(r=4, targets=("q_proj", "v_proj")) -> int:
+def adapter_bytes(r=8, targets=("q_proj", "v_proj")) -> int:
+    """Host bytes of one make_adapter(SPEC, ...) adapter (fp32)."""
     return SPEC.num_layers * sum((SHAPES[m][0] + SHAPES[m][1]) * r * 4 for m in targets)
 
 
@@ -85,7 +65,7 @@ class Counting(LocalSource):
 @pytest.mark.parametrize("bad", ["", "/etc", "/abs/a", "../x", "a/../../x", "a/..", "..", "a\\b", "a\x00b",
                                  "C:x", "~root"])
 def test_local_source_rejects_hostile_ids(tmp_path, bad):
-    write_adapter(tmp_path / "root" / "a")
+    make_adapter(SPEC, tmp_path / "root" / "a")
     with pytest.raises(EngineError) as e:
         LocalSource(tmp_path / "root").fetch(bad, None)
     assert e.value.type in (ErrorType.VALIDATION, ErrorType.ADAPTER_NOT_FOUND) and not e.value.retryable
@@ -93,8 +73,8 @@ def test_local_source_rejects_hostile_ids(tmp_path, bad):
 
 def test_local_source_paths_and_symlinks(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
-    write_adapter(root / "acme" / "bot")
-    write_adapter(outside / "secret")
+    make_adapter(SPEC, root / "acme" / "bot")
+    make_adapter(SPEC, outside / "secret")
     src = LocalSource(root)
     assert src.fetch("acme/bot", None) == (root / "acme" / "bot").resolve()
     assert src.fetch("./acme/bot", None) == (root / "acme" / "bot").resolve()
@@ -119,25 +99,28 @@ def test_local_source_paths_and_symlinks(tmp_path):
     assert e.value.type == ErrorType.ADAPTER_NOT_FOUND and "adapter_root" in e.value.message
 
 
-def cycle_through_slot(store, names: list[str], budget: int) -> None:
-    """Load each adapter into slot 0 in turn; the host tier stays inside `budget` throughout."""
+def cycle_through_slot(store, names: list[str], budget: int, leases: dict | None = None) -> None:
+    """Load each adapter into slot 0 in turn, releasing its prefetch lease (if any) once acquired,
+    as the engine does; the host tier stays inside `budget` throughout."""
     for name in names:
         ref = AdapterRef(name)
         assert wait_ready(store, ref) == "ready"
         assert store.acquire(ref) == 0
+        if leases is not None:
+            leases[name].release()
         store.release(ref)
         assert store.stats()["host"]["bytes"] <= budget
 
 
 def hub_standin(cache: Path, repo: str, commit: str, **kw) -> Path:
-    """A hub-cache stand-in of `repo` holding a fresh adapter (`kw` goes to write_adapter)."""
-    return hub_cache_standin(cache, repo, commit, write_adapter(cache.parent / "src" / repo, **kw))
+    """A hub-cache stand-in of `repo` holding a fresh adapter (`kw` goes to make_adapter)."""
+    return hub_cache_standin(cache, repo, commit, make_adapter(SPEC, cache.parent / "src" / repo, **kw))
 
 
 def test_hub_source_from_cache_layout(tmp_path):
     cache = tmp_path / "cache"
     c1, c2 = "a" * 40, "b" * 40
-    hub_standin(cache, "acme/bot", c1, value=1.0)
+    hub_standin(cache, "acme/bot", c1, fill=1.0)
     hub_standin(cache, "other/bot", c2)
     src = HubSource(cache, offline=True)
     p = src.fetch("acme/bot", "hf_secret")
@@ -176,16 +159,15 @@ def test_hub_source_online_unreachable_is_retryable(tmp_path, monkeypatch):
 
 def test_load_acquire_and_device_lru(tmp_path):
     for name in "abc":
-        write_adapter(tmp_path / name, seed=ord(name))
+        make_adapter(SPEC, tmp_path / name, seed=ord(name))
     store = make_store(tmp_path, slots=2)
     refs = {n: AdapterRef(n) for n in "abc"}
-    for ref in refs.values():
-        store.prefetch(ref)
+    leases = [store.prefetch(ref) for ref in refs.values()]
     for ref in refs.values():
         assert wait_ready(store, ref) == "ready"
     sa = store.acquire(refs["a"])
-    w = store._adapters["local:a"].weights
-    assert torch.equal(store.slots.A["q_proj"][1, sa, :, :4], w.modules[(1, "q_proj")][0])
+    w = store.host.get("local:a")
+    assert torch.equal(store.slots.A["q_proj"][1, sa, :, :8], w.modules[(1, "q_proj")][0])
     store.release(refs["a"])
     sb = store.acquire(refs["b"])
     store.release(refs["b"])
@@ -193,26 +175,20 @@ def test_load_acquire_and_device_lru(tmp_path):
     assert store.acquire(refs["a"]) == sa  # hit; a is now most recent
     store.release(refs["a"])
     sc = store.acquire(refs["c"])  # evicts b, the least recently used
-    assert sc == sb and store.slots.ranks[sc] == 4
+    assert sc == sb and store.slots.ranks[sc] == 8
     stats = store.stats()
     assert stats["device"]["evictions"] == 1 and stats["device"]["hits"] == 1 and stats["device"]["misses"] == 3
     assert stats["loads"] == 3 and stats["load_ms_p50"] > 0 and stats["load_ms_p99"] >= stats["load_ms_p50"]
-    assert store.load_ms(refs["a"]) > 0
-    store.close()
-
-
-def test_loader_threads_run_torch_single_threaded(tmp_path):
-    """A loader thread that ran a parallel op would keep its own OpenMP pool (see Engine.__init__)."""
-    store = make_store(tmp_path, slots=1)
-    threads = torch.get_num_threads()
-    assert store._pool.submit(torch.get_num_threads).result() == 1
-    assert torch.get_num_threads() == threads  # the limit is the loader thread's own
+    generation, load_ms = store.last_load(refs["a"])
+    assert generation > 0 and load_ms > 0 and store.last_load(AdapterRef("never")) == (0, 0.0)
+    for lease in leases:
+        lease.release()
     store.close()
 
 
 def test_pinned_slots_are_never_evicted(tmp_path):
     for name in "abc":
-        write_adapter(tmp_path / name, seed=ord(name))
+        make_adapter(SPEC, tmp_path / name, seed=ord(name))
     store = make_store(tmp_path, slots=2)
     a, b, c = AdapterRef("a"), AdapterRef("b"), AdapterRef("c")
     for ref in (a, b, c):
@@ -231,7 +207,7 @@ def test_pinned_slots_are_never_evicted(tmp_path):
 def test_host_budget_respected(tmp_path):
     names = [f"n{i}" for i in range(6)]
     for i, name in enumerate(names):
-        write_adapter(tmp_path / name, seed=i)
+        make_adapter(SPEC, tmp_path / name, seed=i)
     budget = int(adapter_bytes() * 2.5)
     store = make_store(tmp_path, slots=1, adapter_host_bytes=budget)
     cycle_through_slot(store, names, budget)
@@ -246,7 +222,7 @@ def test_host_budget_respected(tmp_path):
 
 
 def test_prefetch_dedupe_one_load(tmp_path):
-    write_adapter(tmp_path / "hot")
+    make_adapter(SPEC, tmp_path / "hot")
     src = Counting(tmp_path, delay=0.2)
     store = make_store(tmp_path, sources={"local": src})
     ref = AdapterRef("hot")
@@ -268,19 +244,43 @@ def test_prefetch_flood_does_not_evict_what_is_about_to_run(tmp_path):
     rest as those are used: each adapter is loaded once, and the host budget holds throughout."""
     names = [f"f{i}" for i in range(8)]
     for i, name in enumerate(names):
-        write_adapter(tmp_path / name, seed=i)
+        make_adapter(SPEC, tmp_path / name, seed=i)
     src = Counting(tmp_path)
     budget = adapter_bytes() * 2
     store = make_store(tmp_path, slots=1, adapter_host_bytes=budget, sources={"local": src})
-    for name in names:
-        store.prefetch(AdapterRef(name))
+    leases = {name: store.prefetch(AdapterRef(name)) for name in names}
     wait_ready(store, AdapterRef("f1"))
     for name in names[2:]:  # the scheduler polls every waiting adapter: that does not jump the queue
         assert store.poll(AdapterRef(name)) == "loading"
     time.sleep(0.2)
     assert sorted(src.fetches) == ["f0", "f1"], src.fetches
-    cycle_through_slot(store, names, budget)
+    cycle_through_slot(store, names, budget, leases)
     assert src.fetches == {name: 1 for name in names}
+    store.close()
+
+
+def test_prefetch_lease_holds_until_released_once(tmp_path):
+    """Room for 2 adapters: f2 waits while the prefetched f0 and f1 are held. f0 has two leases:
+    releasing one (twice: the second call does nothing) still holds it; releasing the other lets
+    f2 load at once."""
+    names = ["f0", "f1", "f2"]
+    for i, name in enumerate(names):
+        make_adapter(SPEC, tmp_path / name, seed=i)
+    store = make_store(tmp_path, slots=1, adapter_host_bytes=adapter_bytes() * 2)
+    f0 = [store.prefetch(AdapterRef("f0")) for _ in range(2)]
+    f1, f2 = store.prefetch(AdapterRef("f1")), store.prefetch(AdapterRef("f2"))
+    wait_ready(store, AdapterRef("f0"))
+    wait_ready(store, AdapterRef("f1"))
+    assert store.stats()["queued"] == 1  # f2, held back
+    f0[0].release()
+    f0[0].release()
+    assert f0[0].released and store.stats()["queued"] == 1  # f0's other lease still holds it
+    f0[1].release()
+    assert store.stats()["queued"] == 0  # f2 started as the last hold of f0 went
+    assert wait_ready(store, AdapterRef("f2")) == "ready"
+    assert store.stats()["host"]["adapters"] == 2  # f0 (no longer held) made room
+    for lease in (f1, f2):
+        lease.release()
     store.close()
 
 
@@ -295,7 +295,7 @@ def test_failure_remembered_then_retried(tmp_path):
         assert store.poll(ref) is err
     assert store.acquire(ref) is None
     assert src.fetches == {"later": 1}
-    write_adapter(tmp_path / "later")
+    make_adapter(SPEC, tmp_path / "later")
     time.sleep(0.35)
     assert wait_ready(store, ref) == "ready"
     assert src.fetches == {"later": 2}
@@ -304,8 +304,8 @@ def test_failure_remembered_then_retried(tmp_path):
 
 
 def test_bad_adapters_fail_alone(tmp_path):
-    write_adapter(tmp_path / "good")
-    write_adapter(tmp_path / "big", r=16)  # above max_lora_rank 8
+    make_adapter(SPEC, tmp_path / "good")
+    make_adapter(SPEC, tmp_path / "big", r=16)  # above max_lora_rank 8
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "adapter_config.json").write_text((tmp_path / "good" / "adapter_config.json").read_text())
     (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
@@ -327,14 +327,14 @@ def test_bad_adapters_fail_alone(tmp_path):
 
 def test_changed_files_reloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(adapter_store, "REVALIDATE_S", 0.0)
-    write_adapter(tmp_path / "a", value=1.0)
+    make_adapter(SPEC, tmp_path / "a", fill=1.0)
     store = make_store(tmp_path)
     ref = AdapterRef("a")
     wait_ready(store, ref)
     slot = store.acquire(ref)
     assert store.slots.A["q_proj"][0, slot, 0, 0] == 1.0
-    write_adapter(tmp_path / "a", value=2.0)  # rewritten while a request runs on the old version
-    store.prefetch(ref)  # a new request for it: files re-checked, reloaded in the background
+    make_adapter(SPEC, tmp_path / "a", fill=2.0)  # rewritten while a request runs on the old version
+    lease = store.prefetch(ref)  # a new request for it: files re-checked, reloaded in the background
     deadline = time.monotonic() + 5
     while store.stats()["loads"] < 2:
         assert time.monotonic() < deadline
@@ -344,10 +344,11 @@ def test_changed_files_reloaded(tmp_path, monkeypatch):
     slot = store.acquire(ref)
     assert store.slots.A["q_proj"][0, slot, 0, 0] == 2.0
     store.release(ref)
-    store.prefetch(ref)  # unchanged files: no reload
+    lease.release()
+    lease = store.prefetch(ref)  # unchanged files: no reload
     time.sleep(0.2)
     assert store.stats()["loads"] == 2
-    store.unwant(ref)
+    lease.release()
     store.close()
 
 
@@ -355,7 +356,7 @@ def test_unchanged_local_files_checked_inline(tmp_path, monkeypatch):
     """A due re-check of local files is a stat done at once: the adapter stays ready, so a group of
     requests for resident adapters is admitted in one step, not as the checks come back."""
     monkeypatch.setattr(adapter_store, "REVALIDATE_S", 0.0)
-    write_adapter(tmp_path / "a")
+    make_adapter(SPEC, tmp_path / "a")
     store = make_store(tmp_path)
     ref = AdapterRef("a")
     wait_ready(store, ref)
@@ -387,7 +388,7 @@ def test_hub_store_and_disk_budget(tmp_path):
 
 def test_settled_loads_notify_the_engine(tmp_path):
     """Every load or failed load ends with on_settled, so a waiting engine polls again at once."""
-    write_adapter(tmp_path / "good")
+    make_adapter(SPEC, tmp_path / "good")
     settled = threading.Event()
     store = make_store(tmp_path, on_settled=settled.set)
     store.prefetch(AdapterRef("good"))

@@ -19,11 +19,9 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
-from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, Completion,
-                            SamplingParams)
+from engine.request import AdapterRef, Completion, ErrorType, GenerationFailure, GenerationRequest, SamplingParams
 from engine.sequence import Sequence
-from tests.builders import make_adapter
-from tests.builders import ARCHS, run_requests
+from tests.builders import ARCHS, make_adapter, run_requests
 
 PROMPT_LENGTHS = (3, 17, 40, 9, 26)
 
@@ -43,20 +41,6 @@ def hf_greedy(model, ids: list[int], new: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=new, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()
-
-
-@pytest.fixture
-def make_engine(tiny_model_dirs, loaded_models):
-    engines: list[Engine] = []
-
-    def make(arch: str = "llama", **config) -> Engine:
-        engine = Engine(EngineConfig(model=str(tiny_model_dirs[arch]), **config), model=loaded_models(arch))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=10)
 
 
 def result(outcome) -> Completion:
@@ -91,7 +75,7 @@ def test_loaded_model_spec(loaded_models):
 
 def test_engine_thread_builds_every_tensor(tiny_model_dirs, monkeypatch):
     """Model load and cache allocation run on the step thread, so the caller's thread never starts
-    an OpenMP pool of its own (two pools on two cores slow every decode step)."""
+    an OpenMP pool of its own (see README, "CPU threads")."""
     import engine.engine as engine_module
 
     built_on = {}
@@ -164,9 +148,9 @@ def assert_steps_match(runner: ModelRunner, blocks: BlockManager, seqs: list[Seq
     are within 1e-3 of `expected(row, seq)` (fp32)."""
     logits = runner.run(seqs, prefill=True)
     for _ in range(steps):
-        for i, (seq, row) in enumerate(zip(seqs, logits)):
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             torch.testing.assert_close(row, expected(i, seq), atol=1e-3, rtol=0)
-        for seq, row in zip(seqs, logits):
+        for seq, row in zip(seqs, logits, strict=True):
             seq.token_ids.append(int(row.argmax()))
             blocks.append(seq)
         logits = runner.run(seqs, prefill=False)
@@ -423,6 +407,35 @@ def test_shutdown_finishes_running_and_fails_waiting(make_engine):
     assert failure(outcomes["after"], ErrorType.OVERLOADED).error.retryable
 
 
+def test_waiting_counts_requests_not_yet_taken_in(make_engine):
+    """`waiting` counts the requests of a group still in the inbox, not inbox commands."""
+    engine = make_engine("llama")
+    blocked, go, done = threading.Event(), threading.Event(), threading.Event()
+    outcomes: dict = {}
+
+    def hold_engine_thread(event) -> None:
+        blocked.set()
+        go.wait(30)
+
+    def finish(outcome) -> None:
+        outcomes[outcome.request_id] = outcome
+        if len(outcomes) == 6:
+            done.set()
+
+    engine.submit(GenerationRequest(id="block", prompt="a", params=greedy(1, ignore_eos=True)), hold_engine_thread,
+                  finish)
+    assert blocked.wait(30)  # the step thread is inside our callback: it takes nothing in
+    engine.submit_many([(GenerationRequest(id=f"g{i}", prompt="b", params=greedy(1)), None, finish)
+                        for i in range(5)])
+    try:
+        stats = engine.stats()
+        assert stats["waiting"] == 5 and stats["running"] == 1
+    finally:
+        go.set()
+    assert done.wait(30) and all(isinstance(o, Completion) for o in outcomes.values())
+    assert engine.stats()["waiting"] == 0
+
+
 def test_stats_keys(make_engine):
     engine = make_engine("llama")
     run_requests(engine, [GenerationRequest(id="s", prompt="abc", params=greedy(4, ignore_eos=True))])
@@ -586,6 +599,51 @@ def test_group_submitted_together_shares_one_prefill(make_engine, peft_setup):
     assert engine.num_steps - steps == 1  # one prefill step sampled every request's only token
 
 
+def test_adapter_load_ms_only_for_requests_that_waited_for_a_load(make_engine, peft_setup):
+    root, _ = peft_setup("llama")
+    engine = make_engine("llama", adapter_root=str(root))
+    qv = AdapterRef("qv_r8")
+    first = run_requests(engine, [GenerationRequest(id="cold", prompt="a", params=greedy(2), adapter=qv)])
+    assert result(first["cold"]).timings.adapter_load_ms > 0  # its adapter was loaded while it waited
+    again = run_requests(engine, [GenerationRequest(id="warm", prompt="a", params=greedy(2), adapter=qv),
+                                  GenerationRequest(id="base", prompt="a", params=greedy(2))])
+    assert result(again["warm"]).timings.adapter_load_ms == 0  # resident: it waited for no load
+    assert result(again["base"]).timings.adapter_load_ms == 0
+
+
+def test_prefetch_leases_released_whether_requests_run_or_not(make_engine, peft_setup):
+    """Every prefetch lease `submit` takes is released exactly when its request is admitted or
+    leaves without running (rejected, expired, adapter failed), and a caller's own lease is
+    released by the caller, once however often it calls."""
+    root, _ = peft_setup("llama")
+    engine = make_engine("llama", adapter_root=str(root), max_new_tokens_limit=8)
+    store = engine.adapter_store
+    taken, prefetch = [], store.prefetch
+
+    def spy(ref):
+        lease = prefetch(ref)
+        taken.append(lease)
+        return lease
+
+    store.prefetch = spy
+    own = engine.prefetch(AdapterRef("o_r1"))
+    outcomes = run_requests(engine, [
+        GenerationRequest(id="ran", prompt="a", params=greedy(2), adapter=AdapterRef("qv_r8")),
+        GenerationRequest(id="rejected", prompt="a", params=greedy(9), adapter=AdapterRef("mlp_r2")),
+        GenerationRequest(id="expired", prompt="a", adapter=AdapterRef("all_r4"), deadline=time.time() - 1),
+        GenerationRequest(id="missing", prompt="a", params=greedy(2), adapter=AdapterRef("no/such/adapter")),
+    ])
+    result(outcomes["ran"])
+    failure(outcomes["rejected"], ErrorType.VALIDATION)
+    failure(outcomes["expired"], ErrorType.DEADLINE_EXCEEDED)
+    failure(outcomes["missing"], ErrorType.ADAPTER_NOT_FOUND)
+    assert len(taken) == 5 and all(lease.released for lease in taken[1:])  # taken[0]: ours
+    assert not own.released and store._holds == {"local:o_r1": 1}
+    own.release()
+    own.release()
+    assert store._holds == {}
+
+
 def test_bad_adapter_fails_its_own_requests_only(make_engine, peft_setup):
     root, _ = peft_setup("llama")
     engine = make_engine("llama", adapter_root=str(root))
@@ -605,7 +663,8 @@ def test_bad_adapter_fails_its_own_requests_only(make_engine, peft_setup):
 
 SMOL_ADAPTERS = {
     "qv_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "attn_r16_rslora": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "attn_r16_rslora": dict(r=16, lora_alpha=16, use_rslora=True,
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "mlp_r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
     "all_r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"]),
@@ -665,7 +724,7 @@ def test_embedded_smollm2_mixed_adapters_match_peft(tmp_path):
         blocks.allocate(seq)
         seqs.append(seq)
     logits = runner.run(seqs, prefill=True)
-    for seq, row in zip(seqs, logits):
+    for seq, row in zip(seqs, logits, strict=True):
         adapter = prompts[seq.request_id][0]
         torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
 

@@ -1,73 +1,41 @@
-"""The batched LoRA op against the plain fp32 reference loop, over ranks, batch layouts and dtypes;
-and the stacked slots it reads. `python -m tests.test_lora_op` runs the decode micro-benchmark."""
+"""The torch LoRA op against the fp32 reference loop (tests/engine/lora_reference.py), over ranks,
+batch layouts and dtypes; and the stacked slots it reads. `python -m tests.engine.test_lora_op` runs
+the decode micro-benchmark."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.adapter import AdapterWeights
 from engine.config import LORA_MODULES
-from engine.lora_op import TorchLoraOp, build_lora_op, reference_lora
+from engine.lora_op import TorchLoraOp, build_lora_op
 from engine.lora_slots import LoraSlots
-from engine.model_loader import ModelSpec
+from tests.engine.lora_reference import (
+    ATTN,
+    LAYOUTS,
+    filled_slots,
+    make_spec,
+    make_weights,
+    reference_lora,
+)
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def make_spec(layers=3, hidden=64, kv=32, inter=96) -> ModelSpec:
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    return ModelSpec("llama", layers, hidden, shapes, "tiny")
-
-
-def make_weights(spec: ModelSpec, rank: int, modules=ATTN, seed=0, dtype=torch.float32, layers=None,
-                 std=0.3) -> AdapterWeights:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers if layers is not None else range(spec.num_layers):
-        for m in modules:
-            fan_in, fan_out = spec.module_shapes[m]
-            out[(layer, m)] = ((torch.randn(fan_in, rank, generator=g) * std).to(dtype),
-                               (torch.randn(rank, fan_out, generator=g) * std).to(dtype))
-    nbytes = sum(a.nbytes + b.nbytes for a, b in out.values())
-    return AdapterWeights(f"w{seed}", rank, out, nbytes)
-
-
-# slot -> (rank, modules): mixed ranks, attention-only and all-linear adapters in one slot table
-SLOT_TABLE = {0: (1, ATTN), 1: (4, LORA_MODULES), 2: (16, ("q_proj", "v_proj")), 3: (64, LORA_MODULES),
-              4: (16, ("down_proj", "o_proj"))}
-LAYOUTS = {
-    "decode_distinct": ([1] * 6, [0, 1, 2, 3, 4, -1]),
-    "decode_all_adapters": ([1] * 5, [3, 0, 4, 1, 2]),
-    "decode_gaps": ([1] * 6, [0, -1, 1, -1, 2, 3]),
-    "decode_grouped": ([2, 1, 3, 1, 5], [-1, 0, 1, 3, 2]),
-    "prefill": ([20, 9, 13, 8], [1, -1, 3, 0]),
-    "prefill_equal": ([3, 7, 7, 7], [-1, 2, 0, 1]),
-    "prefill_unequal": ([4, 9, 6, 5], [-1, 1, 0, 3]),
-    "mixed": ([17, 1, 1, 3, 12, 1], [2, 3, -1, 1, 4, 0]),
-    "base_only": ([4, 2], [-1, -1]),
-    "one_long": ([30], [3]),
-}
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
-def filled_slots(spec, dtype, num_slots=6, max_rank=64) -> LoraSlots:
-    slots = LoraSlots(spec, num_slots, max_rank, "cpu", dtype)
-    for slot, (rank, modules) in SLOT_TABLE.items():
-        slots.load(slot, make_weights(spec, rank, modules, seed=slot, dtype=dtype))
-    return slots
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_op_matches_reference(dtype, layout):
+def test_op_matches_reference(dtype, layout, device):
     spec = make_spec()
-    slots = filled_slots(spec, dtype)
+    slots = filled_slots(spec, dtype, device)
     op = TorchLoraOp(slots)
     seg_lens, seg_slots = LAYOUTS[layout]
     T = sum(seg_lens)
-    base_rows = torch.tensor([s < 0 for n, s in zip(seg_lens, seg_slots) for _ in range(n)])
+    base_rows = torch.tensor([s < 0 for n, s in zip(seg_lens, seg_slots, strict=True) for _ in range(n)])
     g = torch.Generator().manual_seed(1)
     for mode in (torch.no_grad, torch.inference_mode):  # the second run reuses the cached gather
         with mode():
@@ -78,13 +46,31 @@ def test_op_matches_reference(dtype, layout):
                     fan_in, fan_out = spec.module_shapes[module]
                     xm = x if fan_in == spec.hidden_size else torch.randn(T, fan_in, generator=g).to(dtype)
                     y0 = torch.randn(T, fan_out, generator=g).to(dtype)
-                    y = y0.clone()
-                    op.apply(y, xm, layer, module, batch)
+                    y = y0.to(device, copy=True)
+                    op.apply(y, xm.to(device), layer, module, batch)
+                    y = y.cpu()
                     expect = y0.float() + reference_lora(xm, slots, layer, module, seg_lens, seg_slots)
                     scale = max(1.0, expect.abs().max().item())
                     tol = TOL[dtype]
                     torch.testing.assert_close(y.float(), expect, rtol=tol["rtol"], atol=tol["atol"] * scale)
                     assert torch.equal(y[base_rows], y0[base_rows]), "base-only rows must not change"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_load_is_read_by_the_next_op():
+    """LoraSlots.load copies pinned weights asynchronously; an op issued right after on the same
+    stream reads the new weights."""
+    spec = make_spec()
+    slots = LoraSlots(spec, 2, 64, "cuda", torch.bfloat16)
+    op = TorchLoraOp(slots)
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    for seed in range(3):
+        slots.load(1, make_weights(spec, 64, ATTN, seed=seed, dtype=torch.bfloat16).pin_memory())
+        y = torch.zeros(4, 64, device="cuda", dtype=torch.bfloat16)
+        op.apply(y, x, 2, "q_proj", op.prepare([4], [1]))
+        ref = reference_lora(x, slots, 2, "q_proj", [4], [1])
+        torch.testing.assert_close(y.float().cpu(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("layout,alone,padded,scattered", [
@@ -96,10 +82,14 @@ def test_path_choice(layout, alone, padded, scattered):
     gather when the segments are consecutive and of one length, no scatter when consecutive."""
     op = TorchLoraOp(filled_slots(make_spec(), torch.float32))
     batch = op.prepare(*LAYOUTS[layout])
-    assert len(batch.long) == alone
-    assert (batch.short_rank > 0) == (layout != "base_only")
-    assert (batch.gather is not None) == padded
-    assert (batch.scatter is not None) == scattered
+    if layout == "base_only":
+        assert not batch.active and batch.plan is None
+        return
+    plan = batch.plan
+    assert len(plan.long) == alone
+    assert plan.short_rank > 0
+    assert (plan.gather is not None) == padded
+    assert (plan.scatter is not None) == scattered
 
 
 def test_ranks_and_lazy_allocation():
@@ -147,16 +137,17 @@ def test_cache_invalidated_when_slot_reloaded():
 
     y1, b1 = run()
     y2, b2 = run()
-    assert b2.weights is b1.weights and (1, ("q_proj", "k_proj", "v_proj")) in b2.weights, "gather reused"
+    assert b2.plan.weights is b1.plan.weights, "gather reused"
+    assert (1, ("q_proj", "k_proj", "v_proj")) in b2.plan.weights
     torch.testing.assert_close(y1, y2)
     slots.load(2, make_weights(spec, 16, ATTN, seed=99))  # reload a slot the batch uses
     y3, b3 = run()
-    assert b3.weights is not b1.weights
+    assert b3.plan.weights is not b1.plan.weights
     torch.testing.assert_close(y3, reference_lora(x, slots, 1, "q_proj", seg_lens, seg_slots), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(y3, y1)
     slots.load(5, make_weights(spec, 4, ATTN, seed=7))  # a slot the batch does not use: cache kept
     _, b4 = run()
-    assert b4.weights is b3.weights
+    assert b4.plan.weights is b3.plan.weights
 
 
 def test_fused_shrink_needs_the_same_x():
@@ -187,7 +178,7 @@ def test_x_in_another_dtype_and_unallocated_module():
     op = build_lora_op("torch", slots)
     layout = ([1, 30, 1], [0, 1, 0])
     batch = op.prepare(*layout)
-    assert batch.long and batch.short_rank, "both paths"
+    assert batch.plan.long and batch.plan.short_rank, "both paths"
     x = torch.randn(32, 64)
     y = torch.zeros(32, 64)
     op.apply(y, x, 0, "q_proj", batch)  # fp32 activations, bf16 slots
@@ -198,10 +189,21 @@ def test_x_in_another_dtype_and_unallocated_module():
     assert y.abs().sum() == 0
     assert not op.prepare([2], [-1]).active
     with pytest.raises(ValueError):
-        build_lora_op("triton", slots)
+        build_lora_op("cuda", slots)
 
 
-# ---- micro-benchmark (not a test): python -m tests.test_lora_op ----------------------------
+def test_auto_backend_is_torch_on_cpu():
+    """The CPU path stays the torch op, whatever is installed; the config refuses unknown names."""
+    from engine.config import EngineConfig
+
+    slots = LoraSlots(make_spec(), 2, 8, "cpu", torch.float32)
+    assert type(build_lora_op("auto", slots)) is TorchLoraOp
+    assert EngineConfig().lora_backend == "auto"
+    with pytest.raises(ValueError, match="lora_backend"):
+        EngineConfig(lora_backend="cuda")
+
+
+# ---- micro-benchmark (not a test): python -m tests.engine.test_lora_op ---------------------
 
 def bench(dtype=torch.float32, batch_size=32, rank=16, reps=15) -> None:
     """One SmolLM2-135M decode step's projections (hidden 576, kv 192, inter 1536, 30 layers) at
@@ -211,19 +213,18 @@ def bench(dtype=torch.float32, batch_size=32, rank=16, reps=15) -> None:
 
     import torch.nn.functional as F
 
-    H, KV, I, L = 576, 192, 1536, 30
-    spec = ModelSpec("llama", L, H, {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
-                                     "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}, "smollm2")
+    H, KV, INTER, L = 576, 192, 1536, 30
+    spec = make_spec(L, H, KV, INTER)
     qkv_w = [torch.randn(H + 2 * KV, H, dtype=dtype) * 0.02 for _ in range(L)]
     o_w = [torch.randn(H, H, dtype=dtype) * 0.02 for _ in range(L)]
-    gu_w = [torch.randn(2 * I, H, dtype=dtype) * 0.02 for _ in range(L)]
-    d_w = [torch.randn(H, I, dtype=dtype) * 0.02 for _ in range(L)]
+    gu_w = [torch.randn(2 * INTER, H, dtype=dtype) * 0.02 for _ in range(L)]
+    d_w = [torch.randn(H, INTER, dtype=dtype) * 0.02 for _ in range(L)]
     slots = LoraSlots(spec, batch_size, 64, "cpu", dtype)
     for s in range(batch_size):
         slots.load(s, make_weights(spec, rank, ATTN, seed=s, dtype=dtype, std=0.01))
     op = TorchLoraOp(slots)
     x = torch.randn(batch_size, H, dtype=dtype)
-    m = torch.randn(batch_size, I, dtype=dtype)
+    m = torch.randn(batch_size, INTER, dtype=dtype)
 
     def step(batch) -> None:
         for i in range(L):
@@ -252,7 +253,7 @@ def bench(dtype=torch.float32, batch_size=32, rank=16, reps=15) -> None:
         step(op.prepare(*layout))
         lora.append(time.perf_counter() - t0)
     b, lo = min(base) * 1e3, min(lora) * 1e3  # min: the least disturbed run of each
-    paired = statistics.median(y - x for x, y in zip(base, lora)) * 1e3  # robust to a busy machine
+    paired = statistics.median(y - x for x, y in zip(base, lora, strict=True)) * 1e3  # robust to a busy machine
     print(f"{dtype}, batch {batch_size}, {batch_size} distinct rank-{rank} q/k/v/o adapters, "
           f"{torch.get_num_threads()} threads: projections base {b:.1f} ms, +lora {lo:.1f} ms "
           f"(+{100 * (lo - b) / b:.0f}%; median paired difference +{paired:.1f} ms); "

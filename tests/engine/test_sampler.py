@@ -137,7 +137,7 @@ def test_seed_gives_same_tokens_whatever_the_batch() -> None:
             batch = logits[: len(rows)].clone()
             batch[position] = logits[0]  # the seeded row always sees the same logits
             tokens, _ = Sampler().sample(batch, states, histories)
-            for h, t in zip(histories, tokens):
+            for h, t in zip(histories, tokens, strict=True):
                 h.append(t)
         return histories[position][3:]
 

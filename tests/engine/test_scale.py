@@ -3,46 +3,42 @@ through a small device tier and host budget (exact against PEFT, inside the budg
 adapter flood that must not starve cold ones, bad adapters that fail alone, adapters added or
 changed while the engine runs, and the hub source against a local stand-in of its cache.
 
-Adapters are written straight to safetensors (hundreds of `get_peft_model` calls would dominate
-the run). The oracle is PEFT running one adapter alone: one PeftModel per adapter config whose
-LoRA weights are swapped in with `set_peft_model_state_dict`, greedy by full recompute."""
+Adapters are written straight to safetensors (tests/builders.make_adapter). The oracle is PEFT
+running one adapter alone: one PeftModel per adapter config whose LoRA weights are swapped in with
+`set_peft_model_state_dict`, greedy by full recompute."""
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
 import engine.adapter_store as adapter_store
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.request import (AdapterRef, ErrorType, GenerationFailure, GenerationRequest, Completion,
-                            SamplingParams)
-from tests.builders import hub_cache_standin
-from tests.builders import run_requests
+from engine.model_loader import ModelSpec
+from engine.request import AdapterRef, Completion, ErrorType, GenerationFailure, GenerationRequest, SamplingParams
+from tests.builders import hub_cache_standin, make_adapter, run_requests
 
 EOS = 2  # the builders' tokenizer: <|im_end|>
-# (r, lora_alpha, targets, use_rslora): mixed ranks and modules, so a slot reused by another
-# variant must be re-padded and have the modules it no longer targets zeroed.
+# make_adapter options: mixed ranks and modules, so a slot reused by another variant must be
+# re-padded and have the modules it no longer targets zeroed; large enough that every adapter
+# changes the greedy tokens.
 VARIANTS = (
-    (8, 16, ("q_proj", "v_proj"), False),
-    (4, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), False),
-    (2, 4, ("gate_proj", "up_proj", "down_proj"), True),
+    dict(r=8, alpha=16, targets=("q_proj", "v_proj"), scale=0.3),
+    dict(r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), scale=0.3),
+    dict(r=2, alpha=4, targets=("gate_proj", "up_proj", "down_proj"), use_rslora=True, scale=0.3),
 )
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny tensors: on a busy 2-core box, handing each op to a second thread costs ~10x the op."""
+    """Tiny tensors: handing each op to a second thread costs more than the op."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -54,47 +50,10 @@ def llama(loaded_models):
     return loaded_models("llama")
 
 
-@pytest.fixture
-def make_engine(tiny_model_dirs, llama):
-    engines: list[Engine] = []
-
-    def make(**config) -> Engine:
-        engine = Engine(EngineConfig(model=str(tiny_model_dirs["llama"]), max_lora_rank=16, **config), model=llama)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=10)
-
-
-def write_adapter(out_dir: Path, shapes: dict[str, tuple[int, int]], seed: int, variant: int = 0,
-                  num_layers: int = 2) -> Path:
-    """A PEFT-format LoRA adapter with random A and B, large enough that every adapter changes
-    the greedy tokens. Files are replaced atomically (os.replace), as the README asks operators to."""
-    r, alpha, targets, rslora = VARIANTS[variant]
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(num_layers):
-        for m in targets:
-            fan_in, fan_out = shapes[m]
-            prefix = f"base_model.model.model.layers.{layer}.{'mlp' if m in MLP else 'self_attn'}.{m}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors.tmp"))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
-           "use_rslora": rslora, "lora_dropout": 0.0, "bias": "none"}
-    (out_dir / "adapter_config.json.tmp").write_text(json.dumps(cfg))
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        os.replace(out_dir / f"{name}.tmp", out_dir / name)
-    return out_dir
-
-
-def host_bytes_of(variant: int, shapes: dict[str, tuple[int, int]], num_layers: int = 2) -> int:
+def host_bytes_of(variant: int, spec: ModelSpec) -> int:
     """What one adapter of `variant` holds in the host tier: A [in, r] + B [r, out] per module, fp32."""
-    r, _, targets, _ = VARIANTS[variant]
-    return num_layers * sum((shapes[m][0] + shapes[m][1]) * r * 4 for m in targets)
+    r, targets = VARIANTS[variant]["r"], VARIANTS[variant]["targets"]
+    return spec.num_layers * sum((spec.module_shapes[m][0] + spec.module_shapes[m][1]) * r * 4 for m in targets)
 
 
 def prompt(i: int) -> list[int]:
@@ -172,13 +131,13 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
     from another thread and on every token); evictions happen and are logged one line each.
     (Wave 2 once stalled for PREFETCH_HOLD_S: prefetches of later adapters evicted the resident
     ones about to run.)"""
-    shapes = llama.spec.module_shapes
+    spec = llama.spec
     n = 300
     names = [f"tenant{i:03d}/bot" for i in range(n)]
     for i, name in enumerate(names):
-        write_adapter(tmp_path / name, shapes, seed=i, variant=i % 3)
-    budget = 32 * sum(host_bytes_of(i % 3, shapes) for i in range(n)) // n
-    engine = make_engine(adapter_root=str(tmp_path), adapter_slots=8, adapter_host_bytes=budget,
+        make_adapter(spec, tmp_path / name, seed=i, **VARIANTS[i % 3])
+    budget = 32 * sum(host_bytes_of(i % 3, spec) for i in range(n)) // n
+    engine = make_engine(max_lora_rank=16, adapter_root=str(tmp_path), adapter_slots=8, adapter_host_bytes=budget,
                          max_batch=16)
     store = engine.adapter_store
     expected = {i: oracle.greedy(tmp_path / names[i], prompt(i), 4) for i in range(n)}
@@ -189,8 +148,8 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
     def observe(_event=None) -> None:
         s = store.stats()
         with store._lock:  # the tensors the host tier really holds, not its bookkeeping
-            measured = sum(A.nbytes + B.nbytes for a in store._adapters.values() if a.weights is not None
-                           for A, B in a.weights.modules.values())
+            held = [store.host.get(key) for key in store.host.keys()]
+        measured = sum(A.nbytes + B.nbytes for w in held for A, B in w.modules.values())
         observed.append((s["host"]["bytes"], measured, s["device"]["used"], s["device"]["pinned"]))
 
     stop = threading.Event()
@@ -234,12 +193,12 @@ def test_300_adapters_exact_and_inside_budgets(tmp_path, make_engine, llama, ora
 def test_hot_flood_does_not_starve_cold_adapters(tmp_path, make_engine, llama, oracle):
     """1000 jobs for one adapter, then 1 job each for 20 others (4 device slots, so the cold ones
     rotate through 3): every cold job finishes while hundreds of hot jobs still wait."""
-    shapes = llama.spec.module_shapes
-    write_adapter(tmp_path / "hot", shapes, seed=7)
+    spec = llama.spec
+    make_adapter(spec, tmp_path / "hot", seed=7, **VARIANTS[0])
     cold = [f"cold{i:02d}" for i in range(20)]
     for i, name in enumerate(cold):
-        write_adapter(tmp_path / name, shapes, seed=100 + i, variant=i % 3)
-    engine = make_engine(adapter_root=str(tmp_path), adapter_slots=4, max_batch=16)
+        make_adapter(spec, tmp_path / name, seed=100 + i, **VARIANTS[i % 3])
+    engine = make_engine(max_lora_rank=16, adapter_root=str(tmp_path), adapter_slots=4, max_batch=16)
     order: list[str] = []
     reqs = [request(f"hot-{i}", "hot", i % 7, new=2) for i in range(1000)]
     reqs += [request(f"cold-{i}", name, i, new=2) for i, name in enumerate(cold)]
@@ -254,13 +213,13 @@ def test_hot_flood_does_not_starve_cold_adapters(tmp_path, make_engine, llama, o
 
     for req in reqs:  # the flood first, then the cold jobs
         engine.submit(req, None, finish)
-    hot_left = 1000 - len(order)  # the engine ran hot jobs meanwhile (on this box: ~80)
+    hot_left = 1000 - len(order)  # the engine ran some hot jobs meanwhile
     assert hot_left >= 500
     assert done.wait(120), f"{len(order)}/{len(reqs)} finished"
 
     last_cold = max(order.index(f"cold-{i}") for i in range(20))
     hot_after = sum(rid.startswith("hot-") for rid in order[last_cold:])
-    # measured: ~92% of the hot jobs left when the cold ones arrived finish after the last cold one
+    # most hot jobs left when the cold ones arrived finish after the last cold one: half is the bar
     assert hot_after >= hot_left // 2, f"only {hot_after} of {hot_left} hot jobs finished after the last cold one"
     for i, name in enumerate(cold):
         assert tokens(outcomes[f"cold-{i}"]) == oracle.greedy(tmp_path / name, prompt(i), 2), name
@@ -275,22 +234,22 @@ def test_bad_adapters_fail_their_jobs_others_flow(tmp_path, make_engine, llama, 
     corrupt and a truncated safetensors file, and ids escaping the root (.., absolute, symlink):
     every bad job gets its error type (not retryable), each bad adapter is loaded once, and every
     good job's tokens equal PEFT's."""
-    shapes = llama.spec.module_shapes
+    spec = llama.spec
     root, outside = tmp_path / "root", tmp_path / "outside"
     good = [f"good{i}" for i in range(4)]
     for i, name in enumerate(good):
-        write_adapter(root / name, shapes, seed=200 + i, variant=i % 3)
-    secret = write_adapter(outside / "secret", shapes, seed=300)  # a valid adapter: escaping must not reach it
+        make_adapter(spec, root / name, seed=200 + i, **VARIANTS[i % 3])
+    secret = make_adapter(spec, outside / "secret", seed=300, **VARIANTS[0])  # valid: escaping must not reach it
     (root / "link").symlink_to(secret)
-    corrupt = write_adapter(root / "corrupt", shapes, seed=301)
+    corrupt = make_adapter(spec, root / "corrupt", seed=301, **VARIANTS[0])
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 10)
-    truncated = write_adapter(root / "truncated", shapes, seed=302)
+    truncated = make_adapter(spec, root / "truncated", seed=302, **VARIANTS[0])
     data = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     bad = {"no/such/adapter": ErrorType.ADAPTER_NOT_FOUND, "corrupt": ErrorType.ADAPTER_INVALID,
            "truncated": ErrorType.ADAPTER_INVALID, "../outside/secret": ErrorType.VALIDATION,
            str(secret): ErrorType.VALIDATION, "link": ErrorType.VALIDATION}
-    engine = make_engine(adapter_root=str(root), adapter_slots=4)
+    engine = make_engine(max_lora_rank=16, adapter_root=str(root), adapter_slots=4)
     reqs, i = [], 0
     for rep in range(3):
         for name in [*bad, *good, None]:
@@ -321,12 +280,12 @@ def test_bad_adapters_fail_their_jobs_others_flow(tmp_path, make_engine, llama, 
 def test_adapter_added_after_start_is_usable(tmp_path, make_engine, llama, oracle):
     """An adapter that did not exist when the engine started is usable at once; one that was asked
     for before it existed fails (remembered for adapter_failure_ttl_s), then works after the TTL."""
-    shapes = llama.spec.module_shapes
-    engine = make_engine(adapter_root=str(tmp_path), adapter_failure_ttl_s=0.5)
+    spec = llama.spec
+    engine = make_engine(max_lora_rank=16, adapter_root=str(tmp_path), adapter_failure_ttl_s=0.5)
     early = run_requests(engine, [request("early", "acme/late", 0)])
     failed(early["early"], ErrorType.ADAPTER_NOT_FOUND)
-    write_adapter(tmp_path / "acme" / "late", shapes, seed=400, variant=1)
-    write_adapter(tmp_path / "acme" / "new", shapes, seed=401)
+    make_adapter(spec, tmp_path / "acme" / "late", seed=400, **VARIANTS[1])
+    make_adapter(spec, tmp_path / "acme" / "new", seed=401, **VARIANTS[0])
     fresh = run_requests(engine, [request("new", "acme/new", 1)])
     assert tokens(fresh["new"]) == oracle.greedy(tmp_path / "acme" / "new", prompt(1), 4)
     time.sleep(0.6)  # past the failure TTL
@@ -338,13 +297,13 @@ def test_changed_adapter_picked_up_within_staleness_bound(tmp_path, make_engine,
     """New files for an adapter in the host and device tiers: a request submitted more than
     REVALIDATE_S (+ one load) after the change runs on the new weights, as the store promises."""
     monkeypatch.setattr(adapter_store, "REVALIDATE_S", 0.3)
-    shapes = llama.spec.module_shapes
-    path = write_adapter(tmp_path / "acme" / "bot", shapes, seed=500)
+    spec = llama.spec
+    path = make_adapter(spec, tmp_path / "acme" / "bot", seed=500, **VARIANTS[0])
     v1 = {i: oracle.greedy(path, prompt(i), 4) for i in range(3)}
-    engine = make_engine(adapter_root=str(tmp_path))
+    engine = make_engine(max_lora_rank=16, adapter_root=str(tmp_path))
     first = run_requests(engine, [request("v1", "acme/bot", 0)])
     assert tokens(first["v1"]) == v1[0]
-    write_adapter(path, shapes, seed=501, variant=1)  # new weights and a new config, same id
+    make_adapter(spec, path, seed=501, **VARIANTS[1])  # new weights and a new config, same id
     v2 = {i: oracle.greedy(path, prompt(i), 4) for i in range(3)}
     assert v1 != v2
     time.sleep(adapter_store.REVALIDATE_S + 0.2)
@@ -365,14 +324,14 @@ def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monke
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    shapes = llama.spec.module_shapes
+    spec = llama.spec
     src, cache, root = tmp_path / "src", tmp_path / "disk", tmp_path / "local"
     c1, c2 = "1" * 40, "2" * 40
-    hub_cache_standin(cache, "acme/bot", c1, write_adapter(src / "bot-v1", shapes, seed=600))
-    hub_cache_standin(cache, "acme/old", c2, write_adapter(src / "old", shapes, seed=601, variant=2))
-    hub_cache_standin(cache, "other/bot", c1, write_adapter(src / "other", shapes, seed=602))
-    write_adapter(root / "acme" / "bot", shapes, seed=603, variant=1)  # local "acme/bot": another adapter
-    engine = make_engine(adapter_root=str(root), hub_enabled=True, hub_allow_orgs=("acme",),
+    hub_cache_standin(cache, "acme/bot", c1, make_adapter(spec, src / "bot-v1", seed=600, **VARIANTS[0]))
+    hub_cache_standin(cache, "acme/old", c2, make_adapter(spec, src / "old", seed=601, **VARIANTS[2]))
+    hub_cache_standin(cache, "other/bot", c1, make_adapter(spec, src / "other", seed=602, **VARIANTS[0]))
+    make_adapter(spec, root / "acme" / "bot", seed=603, **VARIANTS[1])  # local "acme/bot": another adapter
+    engine = make_engine(max_lora_rank=16, adapter_root=str(root), hub_enabled=True, hub_allow_orgs=("acme",),
                          adapter_disk_dir=str(cache))
     secret = "hf_very_secret_token"
     reqs = [request("hub", "acme/bot", 0, source="hub", token=secret),
@@ -397,10 +356,10 @@ def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monke
 
 
 def test_requests_that_never_ran_do_not_hold_the_host_budget(tmp_path, make_engine, llama):
-    shapes = llama.spec.module_shapes
+    spec = llama.spec
     for i in range(5):
-        write_adapter(tmp_path / f"a{i}", shapes, seed=700 + i)
-    engine = make_engine(adapter_root=str(tmp_path), adapter_host_bytes=4 * host_bytes_of(0, shapes))
+        make_adapter(spec, tmp_path / f"a{i}", seed=700 + i, **VARIANTS[0])
+    engine = make_engine(max_lora_rank=16, adapter_root=str(tmp_path), adapter_host_bytes=4 * host_bytes_of(0, spec))
     expired = [GenerationRequest(id=f"expired{i}", prompt_token_ids=prompt(i), adapter=AdapterRef(f"a{i}"),
                                  deadline=time.time() - 1) for i in range(4)]
     for outcome in run_requests(engine, expired).values():

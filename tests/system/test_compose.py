@@ -8,14 +8,13 @@ import importlib
 import re
 import shlex
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
 from consumer import cli
-from consumer.settings import ENV_PREFIX, WorkerSettings
+from consumer.settings import FLAGS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +27,11 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def worker(compose) -> dict:
     return compose["services"]["worker"]
+
+
+@pytest.fixture(scope="module")
+def gpu_worker(compose) -> dict:
+    return compose["services"]["worker-gpu"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def seconds(duration: str) -> float:
 
 
 def test_services(compose):
-    assert set(compose["services"]) == {"rabbitmq", "worker"}
+    assert set(compose["services"]) == {"rabbitmq", "worker", "worker-gpu", "gateway"}
     assert set(compose["volumes"]) >= {
         v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])
         if not v.startswith((".", "/"))}  # every named volume is declared
@@ -82,10 +86,10 @@ def test_worker_scales(worker):
 
 def test_worker_env_names_are_settings_the_worker_reads(worker):
     env = {k: interpolate(v) for k, v in worker["environment"].items()}
-    known = {ENV_PREFIX + f.name.upper() for f in fields(WorkerSettings)}
+    known = {flag.env for flag in FLAGS}
     assert set(env) <= known, f"unknown to consumer.settings: {sorted(set(env) - known)}"
     settings = WorkerSettings.from_args([], env=env)  # and every value parses
-    assert settings.adapter_root == "/adapters" and settings.metrics_port == 9090
+    assert settings.engine.adapter_root == "/adapters" and settings.metrics_port == 9090
 
 
 def test_worker_volumes(worker, dockerfile):
@@ -126,3 +130,37 @@ def test_dockerfile(worker, dockerfile):
     assert ("ENTRYPOINT", '["loraq", "worker"]') in dockerfile
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["loraq"] == "consumer.cli:main"
+
+
+GPU_ENV = ("LORAQ_DEVICE", "LORAQ_DTYPE", "LORAQ_LORA_BACKEND")  # what the GPU worker sets on its own
+
+
+def test_gpu_worker_is_the_worker_on_cuda(worker, gpu_worker):
+    """`--profile gpu` adds the same worker built with VARIANT=cuda, one NVIDIA device reserved;
+    a plain `docker compose up` does not start it."""
+    assert "profiles" not in worker and gpu_worker["profiles"] == ["gpu"]
+    assert gpu_worker["build"] == {**worker["build"], "args": {"VARIANT": "cuda"}}
+    own = {"build", "profiles", "environment", "deploy"}
+    assert {k: v for k, v in gpu_worker.items() if k not in own} == {k: v for k, v in worker.items() if k not in own}
+    devices = gpu_worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = {k: interpolate(v) for k, v in gpu_worker["environment"].items()}
+    shared = {k: interpolate(v) for k, v in worker["environment"].items() if k not in GPU_ENV}
+    assert {k: v for k, v in env.items() if k not in GPU_ENV} == shared
+    assert set(env) <= {flag.env for flag in FLAGS}
+    config = WorkerSettings.from_args([], env=env).engine_config()  # the engine accepts every value
+    assert (config.device, config.dtype, config.lora_backend) == ("cuda", "auto", "auto")
+
+
+def test_dockerfile_variants(gpu_worker, dockerfile):
+    """ARG VARIANT (after FROM, so RUN sees it) defaults to cpu; the install step knows cpu and cuda
+    and refuses anything else; only cpu uses the CPU wheel index; cuda gets the C compiler triton
+    builds its launcher with."""
+    assert ("ARG", "VARIANT=cpu") in dockerfile[1:]
+    install = next(a for op, a in dockerfile if op == "RUN" and '".[worker]"' in a)
+    cases = dict(re.findall(r"(\w+|\*)\)\s*(.*?);;", install))
+    assert set(cases) == {"cpu", "cuda", "*"}
+    assert "download.pytorch.org/whl/cpu" in cases["cpu"] and "download.pytorch.org" not in cases["cuda"]
+    assert "exit 1" in cases["*"]
+    assert gpu_worker["build"]["args"]["VARIANT"] in cases
+    assert any('"$VARIANT" = cuda' in a and "gcc" in a for op, a in dockerfile if op == "RUN")

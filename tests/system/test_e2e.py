@@ -5,20 +5,21 @@ must equal what the engine produces for the same request run directly on it, alo
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
+from concurrent.futures import Future
 
 import pytest
 import structlog
 
 from consumer import protocol
+from consumer.jobs import to_request
 from consumer.protocol import JSON, MSGPACK
-from consumer.worker import Worker, to_request
+from consumer.worker import Worker
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import Completion
-from tests.amqp_helpers import App, delete_topology, unique_topology, worker_settings
+from engine.request import Completion, Outcome
+from tests.amqp_helpers import App, worker_settings
 from tests.builders import make_adapter, make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -61,26 +62,12 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture
-async def topology():
-    t = unique_topology()
-    yield t
-    await delete_topology(t)
-
-
-@pytest.fixture
 async def worker(engine, topology):
     w = Worker(worker_settings(topology, max_batch=MAX_BATCH, prefetch=2 * MAX_BATCH,
                                batch_window_ms=20.0), engine)
     await w.start()
     yield w
     await w.drain()
-
-
-@pytest.fixture
-async def app(topology):
-    a = await App(topology).open()
-    yield a
-    await a.close()
 
 
 def job(i: int) -> dict:
@@ -98,13 +85,11 @@ def direct(engine: Engine, jobs: list[dict], content_type: str = MSGPACK) -> lis
         body = protocol.encode_job(content_type=content_type, **kw)
         decoded = protocol.decode_job(body, content_type, None, f"direct-{uuid.uuid4().hex}-{k}",
                                       None, None, None, protocol.Limits())
-        done = threading.Event()
-        out: list = []
-        engine.submit(to_request(decoded, "local", time.time()), None,
-                      lambda outcome: (out.append(outcome), done.set()))
-        assert done.wait(60), "engine gave no outcome"
-        assert isinstance(out[0], Completion), out[0]
-        results.append(out[0])
+        outcome: Future[Outcome] = Future()
+        engine.submit(to_request(decoded, "local", time.time()), None, outcome.set_result)
+        result = outcome.result(60)
+        assert isinstance(result, Completion), result
+        results.append(result)
     return results
 
 
@@ -143,7 +128,7 @@ async def test_burst_over_12_adapters_matches_the_engine_run_directly(engine, wo
     sampling = False
     await sampler
 
-    for i, (cid, result) in enumerate(zip(cids, expected)):
+    for i, (cid, result) in enumerate(zip(cids, expected, strict=True)):
         body = assert_same(app, cid, result)
         assert body["adapter_id"] == jobs[i]["parameters"]["adapter_id"]
         assert len(app.replies[cid]) == 1  # exactly one reply, no tokens (not streamed)
@@ -178,7 +163,7 @@ async def test_json_chat_job_and_streaming_job(engine, worker, app):
     assert [t["id"] for t in body["details"]["tokens"]] == list(chat_expected.token_ids)
 
     assert [m.type for m in replies] == ["token"] * stream_expected.generated_tokens + ["result"]
-    tokens = [protocol.decode_reply(m.body, m.content_type, m.type) for m in replies[:-1]]
+    tokens = [protocol.decode(m.body, m.content_type) for m in replies[:-1]]
     assert all(m.correlation_id == stream_cid for m in replies)
     assert [t["index"] for t in tokens] == list(range(len(tokens)))
     assert [t["token"]["id"] for t in tokens] == list(stream_expected.token_ids)

@@ -31,13 +31,21 @@ import pytest
 
 from consumer import protocol
 from consumer.protocol import JSON, MSGPACK
-from tests.amqp_helpers import (AMQP_URL, App, WorkerProcess, require_affinity,
-                                delete_topology, unique_topology, wait_for, with_query,
-                                worker_args)
+from tests.amqp_helpers import (
+    AMQP_URL,
+    App,
+    WorkerProcess,
+    delete_topology,
+    require_affinity,
+    unique_topology,
+    wait_for,
+    with_query,
+    worker_args,
+)
 
 pytestmark = pytest.mark.slow
 
-ROWS: list["Row"] = []
+ROWS: list[Row] = []
 
 
 @dataclass
@@ -128,7 +136,7 @@ class Ledger:
                 lost += 1
                 continue
             duplicated += len(finals) - 1
-            got = {(m.type, protocol.decode_reply(m.body, m.content_type, m.type).get("error_type"))
+            got = {(m.type, protocol.decode(m.body, m.content_type).get("error_type"))
                    for m in finals}
             if got != {(kind, error_type)}:
                 unexpected += 1

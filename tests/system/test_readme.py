@@ -4,24 +4,22 @@ files it names exist."""
 from __future__ import annotations
 
 import re
-from dataclasses import fields
 from pathlib import Path
 
-from consumer.settings import ENV_PREFIX, WorkerSettings
+from consumer.settings import FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
 def test_every_setting_is_documented_with_flag_and_env() -> None:
-    for f in fields(WorkerSettings):
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
-        assert f"| `{flag}` | `{env}` |" in README, f"README configuration table lacks {flag} / {env}"
+    for flag in FLAGS:
+        row = f"| `{flag.option}` | `{flag.env}` | `{flag.default!r}` |"
+        assert row in README, f"README configuration table lacks {row}"
 
 
 def test_documented_settings_exist() -> None:
-    names = {ENV_PREFIX + f.name.upper() for f in fields(WorkerSettings)}
+    names = {flag.env for flag in FLAGS}
     documented = set(re.findall(r"\| `(LORAQ_[A-Z_]+)` \|", README))
     assert documented <= names, f"README documents unknown settings: {documented - names}"
 

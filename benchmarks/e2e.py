@@ -1,4 +1,6 @@
-"""`loraq bench e2e`: one workload run on the engine directly and through RabbitMQ, in one run.
+"""End-to-end benchmark (issue 3): one workload run on the engine directly and through RabbitMQ.
+
+    python -m benchmarks.e2e            # or: loraq bench e2e
 
     engine    an in-process `Engine`; requests submitted from this thread
     rabbitmq  a worker subprocess (same settings, its own engine) fed by `consumer.client.Client`
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import shutil
 import signal
 import statistics
@@ -30,17 +31,24 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
 
-from consumer.client import DEFAULT_AMQP_URL, Client
-from consumer.demo import WorkerProcess, delete_topology, free_port
+from benchmarks.common import make_prompts, parse_targets, percentile, write_random_adapters
+from consumer.client import DEFAULT_AMQP_URL, Client, GenerationResult
 from consumer.logging import configure_logging
 from consumer.protocol import Topology
 from consumer.settings import WorkerSettings
+from consumer.worker_process import REPO_ROOT, WorkerProcess, delete_topology, free_port, topology_args
+from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 START_TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 600.0
@@ -64,7 +72,7 @@ class Run:
     texts: list[str] = field(repr=False)
 
     @classmethod
-    def combine(cls, runs: list["Run"], load: str) -> "Run":
+    def combine(cls, runs: list[Run], load: str) -> Run:
         """Runs one after another (repeats, or single jobs), as one run."""
         return cls(runs[0].path, load, [w for r in runs for w in r.walls_s],
                    *([x for r in runs for x in getattr(r, name)]
@@ -83,7 +91,7 @@ class Run:
     def p99_ms(self) -> float:
         return percentile(self.latencies_ms, 99)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"path": self.path, "load": self.load, "jobs": len(self.latencies_ms),
                 "walls_s": [round(w, 3) for w in self.walls_s],
                 "jobs_per_s": round(self.jobs_per_s, 3),
@@ -94,43 +102,25 @@ class Run:
                 "generated_tokens": sum(self.generated_tokens)}
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def worker_args(settings: WorkerSettings) -> list[str]:
-    """`loraq worker` flags for every setting that differs from its default (metrics excluded:
-    WorkerProcess sets those), so the worker builds exactly `settings.engine_config()`."""
-    args: list[str] = []
-    for f in fields(WorkerSettings):
-        value = getattr(settings, f.name)
-        if f.name in ("metrics_port", "metrics_host") or f.default is MISSING or value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, tuple):
-            args += [flag, ",".join(value)]
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
+def worker_flags(args: argparse.Namespace, topology: Topology, adapter_root: Path) -> list[str]:
+    """`loraq worker` flags for this run (WorkerProcess adds the metrics ones). The in-process
+    engine is built from the same flags, so both paths run one configuration."""
+    return ["--amqp-url", args.amqp_url, *topology_args(topology), "--model", args.model,
+            "--device", args.device, "--dtype", args.dtype, "--adapter-root", str(adapter_root),
+            "--max-batch", str(args.max_batch), "--prefetch", str(max(args.jobs, args.max_batch)),
+            "--batch-window-ms", str(args.batch_window_ms), "--max-lora-rank", str(max(args.rank, 1)),
+            "--adapter-slots", str(max(args.adapters, args.adapter_slots))]
 
 
 # ---- (i) the engine directly ---------------------------------------------------------------------
 
-def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
+def engine_burst(engine: Engine, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
     """Submit every job at once; each job's latency from its own submit to its on_finish."""
-    from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
-
     params = SamplingParams(max_new_tokens=new_tokens)  # what the worker builds from the wire
     lock, done = threading.Lock(), threading.Event()
-    ends: dict[int, tuple[float, object]] = {}
+    ends: dict[int, tuple[float, Outcome]] = {}
 
-    def on_finish(i: int, outcome) -> None:
+    def on_finish(i: int, outcome: Outcome) -> None:
         with lock:
             ends[i] = (time.perf_counter(), outcome)
             if len(ends) == len(jobs):
@@ -145,14 +135,14 @@ def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) ->
                       None, partial(on_finish, i))
     if not done.wait(JOB_TIMEOUT_S):
         raise RuntimeError(f"engine: {len(jobs) - len(ends)} jobs unfinished after {JOB_TIMEOUT_S} s")
-    outcomes = [ends[i][1] for i in range(len(jobs))]
-    failed = [o for o in outcomes if not isinstance(o, Completion)]
-    if failed:
+    outcomes = [o for _, o in (ends[i] for i in range(len(jobs))) if isinstance(o, Completion)]
+    if len(outcomes) < len(jobs):
+        failed = [o for _, o in ends.values() if not isinstance(o, Completion)]
         raise RuntimeError(f"engine: {len(failed)} jobs failed, first: {failed[0]}")
     latencies = [(ends[i][0] - starts[i]) * 1000 for i in range(len(jobs))]
     return Run("engine", "burst", [max(end for end, _ in ends.values()) - t0], latencies,
                [o.timings.queue_ms for o in outcomes],
-               [lat - o.timings.total_ms for lat, o in zip(latencies, outcomes)],
+               [lat - o.timings.total_ms for lat, o in zip(latencies, outcomes, strict=True)],
                [o.generated_tokens for o in outcomes], [o.text for o in outcomes])
 
 
@@ -161,7 +151,7 @@ def engine_burst(engine, jobs: list[tuple[str, str | None]], new_tokens: int) ->
 async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
     """Publish every job at once; each job's latency from its publish to its result."""
 
-    async def one(prompt: str, adapter: str | None):
+    async def one(prompt: str, adapter: str | None) -> tuple[float, float, GenerationResult]:
         start = time.perf_counter()
         result = await client.generate(prompt, adapter_id=adapter, max_new_tokens=new_tokens,
                                        timeout=JOB_TIMEOUT_S)
@@ -172,9 +162,9 @@ async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_t
     latencies = [(end - start) * 1000 for start, end, _ in out]
     results = [r for _, _, r in out]
     return Run("rabbitmq", "burst", [max(end for _, end, _ in out) - t0], latencies,
-               [r.timings["queue_ms"] for r in results],
-               [lat - r.timings["total_ms"] for lat, r in zip(latencies, results)],
-               [r.details["generated_tokens"] for r in results],
+               [r.timings.queue_ms for r in results],
+               [lat - r.timings.total_ms for lat, r in zip(latencies, results, strict=True)],
+               [r.details.generated_tokens for r in results],
                [r.generated_text for r in results])
 
 
@@ -184,10 +174,10 @@ async def echo_responder(url: str, queue: str) -> None:
         channel = await connection.channel(publisher_confirms=True)
         jobs = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
 
-        async def answer(message) -> None:
+        async def answer(message: AbstractIncomingMessage) -> None:
             await channel.default_exchange.publish(
                 aio_pika.Message(message.body, correlation_id=message.correlation_id),
-                routing_key=message.reply_to, mandatory=True)
+                routing_key=message.reply_to or "", mandatory=True)
             await message.ack()
 
         await jobs.consume(answer)
@@ -204,11 +194,12 @@ class BrokerFloor:
         self.url = url
         self.queue = f"loraq-bench-floor-{uuid.uuid4().hex[:8]}"
         self.round_trips_ms: list[float] = []
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._waiting: dict[str, asyncio.Future[float]] = {}
 
-    async def __aenter__(self) -> "BrokerFloor":
-        self._responder = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumer.bench_e2e", "--echo-queue", self.queue, "--amqp-url", self.url)
+    async def __aenter__(self) -> BrokerFloor:
+        self._responder = await asyncio.create_subprocess_exec(  # cwd: where `benchmarks` imports
+            sys.executable, "-m", "benchmarks.e2e", "--echo-queue", self.queue, "--amqp-url", self.url,
+            cwd=REPO_ROOT)
         self._connection = await aio_pika.connect_robust(self.url)
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._replies = await self._channel.declare_queue(exclusive=True)
@@ -223,8 +214,8 @@ class BrokerFloor:
             except (aio_pika.exceptions.ChannelClosed, aio_pika.exceptions.DeliveryError):
                 await asyncio.sleep(0.2)
 
-    async def _on_reply(self, message) -> None:
-        waiting = self._waiting.pop(message.correlation_id, None)
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        waiting = self._waiting.pop(message.correlation_id or "", None)
         if waiting is not None:
             waiting.set_result(time.perf_counter())
 
@@ -243,7 +234,7 @@ class BrokerFloor:
     async def round_trip(self) -> None:
         self.round_trips_ms.append(await self._round_trip())
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         try:
             await self._channel.queue_delete(self.queue)
             await self._connection.close()
@@ -252,14 +243,16 @@ class BrokerFloor:
             await self._responder.wait()
 
 
-async def measure(engine, url: str, topology: Topology, warmup: list, burst: list,
-                  serial: list, new_tokens: int,
-                  repeats: int) -> tuple[dict[tuple[str, str], Run], list[float]]:
+Jobs = list[tuple[str, str | None]]  # (prompt, adapter id or None) per job
+
+
+async def measure(engine: Engine, url: str, topology: Topology, warmup: Jobs, burst: Jobs, serial: Jobs,
+                  new_tokens: int, repeats: int) -> tuple[dict[tuple[str, str], Run], list[float]]:
     """Both paths, interleaved so that drifting background load hits both alike: bursts
     alternate which path goes first, serial jobs alternate path job by job, each pair followed by
     a few `BrokerFloor` round trips."""
 
-    def on_engine(jobs: list, tokens: int):
+    def on_engine(jobs: Jobs, tokens: int) -> Any:
         return asyncio.to_thread(engine_burst, engine, jobs, tokens)
 
     async with Client(url, topology=topology, timeout=JOB_TIMEOUT_S) as client:
@@ -288,19 +281,19 @@ async def measure(engine, url: str, topology: Topology, warmup: list, burst: lis
 
 def overhead_p50(run: Run) -> float:
     """p50 of what a job spent outside the engine's compute: queue wait + transport."""
-    return percentile([q + o for q, o in zip(run.queue_ms, run.outside_ms)], 50)
+    return percentile([q + o for q, o in zip(run.queue_ms, run.outside_ms, strict=True)], 50)
 
 
-def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
-           runs: dict[tuple[str, str], Run], floor: list[float]) -> tuple[str, dict]:
+def report(args: argparse.Namespace, device: str, runs: dict[tuple[str, str], Run],
+           floor: list[float]) -> tuple[str, dict[str, Any]]:
     """The printed table and the JSON numbers."""
     import torch
 
     burst_e, burst_r = runs["engine", "burst"], runs["rabbitmq", "burst"]
     serial_e, serial_r = runs["engine", "serial"], runs["rabbitmq", "serial"]
-    same_burst = sum(a == b for a, b in zip(burst_e.texts, burst_r.texts))
-    same_serial = sum(a == b for a, b in zip(serial_e.texts, serial_r.texts))
-    s = {
+    same_burst = sum(a == b for a, b in zip(burst_e.texts, burst_r.texts, strict=True))
+    same_serial = sum(a == b for a, b in zip(serial_e.texts, serial_r.texts, strict=True))
+    s: dict[str, Any] = {
         "burst_throughput_ratio": burst_r.jobs_per_s / burst_e.jobs_per_s,
         "burst_p50_latency_diff_ms": burst_r.p50_ms - burst_e.p50_ms,
         "burst_p99_latency_diff_ms": burst_r.p99_ms - burst_e.p99_ms,
@@ -314,13 +307,14 @@ def report(args: argparse.Namespace, settings: WorkerSettings, device: str,
         "identical_texts_burst": f"{same_burst}/{len(burst_e.texts)}",
         "identical_texts_serial": f"{same_serial}/{len(serial_e.texts)}",
     }
-    ratio, over = s["burst_throughput_ratio"], s["serial_p50_overhead_ms"]
+    ratio: float = s["burst_throughput_ratio"]
+    over: float = s["serial_p50_overhead_ms"]
     lines = [
         f"e2e benchmark: {args.jobs} jobs over base + {args.adapters} random rank-{args.rank} "
         f"adapters ({args.targets}), ~{args.prompt_tokens} prompt tokens, <= {args.new_tokens} new "
         f"tokens, greedy",
-        f"model {settings.model} on {device}, max batch {settings.max_batch}, worker batch window "
-        f"{settings.batch_window_ms:g} ms, torch threads {torch.get_num_threads()}",
+        f"model {args.model} on {device}, max batch {args.max_batch}, worker batch window "
+        f"{args.batch_window_ms:g} ms, torch threads {torch.get_num_threads()}",
         "",
         f"{'load':7s} {'path':9s} {'jobs':>4s} {'jobs/s':>7s} {'p50 ms':>9s} {'p99 ms':>9s} "
         f"{'queue p50':>9s} {'outside p50':>11s} {'tokens':>6s}",
@@ -370,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--batch-window-ms", type=float, default=WorkerSettings.batch_window_ms)
+    ap.add_argument("--batch-window-ms", type=float, default=5.0)
+    ap.add_argument("--adapter-slots", type=int, default=32, help="device slots (at least --adapters)")
     ap.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     ap.add_argument("--json", dest="json_out", metavar="FILE",
                     help="also write the numbers as JSON to FILE ('-': stdout)")
@@ -379,25 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_queue:
         asyncio.run(echo_responder(args.amqp_url, args.echo_queue))
         return 0
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = parse_targets(args.targets)
 
-    from engine.bench import make_prompts, write_random_adapters
-    from engine.engine import Engine
+    from engine.engine import Engine  # not at the top: the echo responder above runs without torch
 
     configure_logging("warning")  # the in-process engine's per-request events would drown the table
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-e2e-"))
     log_path = Path(tempfile.mkstemp(prefix="loraq-bench-e2e-worker-", suffix=".log")[1])
     topology = Topology.prefixed(f"loraq-bench-{uuid.uuid4().hex[:8]}")
-    t = topology
-    settings = WorkerSettings(
-        amqp_url=args.amqp_url, exchange=t.exchange, queue=t.queue, dlx=t.dlx,
-        dead_queue=t.dead_queue, results_exchange=t.results_exchange, model=args.model,
-        device=args.device, dtype=args.dtype, adapter_root=str(root / "adapters"),
-        max_batch=args.max_batch, prefetch=max(args.jobs, args.max_batch),
-        batch_window_ms=args.batch_window_ms, max_lora_rank=max(args.rank, 1),
-        adapter_slots=max(args.adapters, WorkerSettings.adapter_slots))
+    flags = worker_flags(args, topology, root / "adapters")
+    settings = WorkerSettings.from_args(flags, env={})
     (root / "adapters").mkdir()
-    worker = WorkerProcess(worker_args(settings), log_path, free_port())
+    worker = WorkerProcess(flags, log_path, free_port())
     engine = None
     ok = False
     try:
@@ -433,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worker exited with code {code}; its log ({worker.log_path}) ends:\n"
                   f"{worker.log_tail()}", file=sys.stderr)
 
-    table, numbers = report(args, settings, device, runs, floor)
+    table, numbers = report(args, device, runs, floor)
     # with --json -: stdout is the JSON alone, the table goes to stderr
     print(f"\n{table}", file=sys.stderr if args.json_out == "-" else sys.stdout)
     if args.json_out == "-":

@@ -1,6 +1,6 @@
 """Adapter-scale benchmark (issue 4): does latency stay flat as the number of adapters grows?
 
-    loraq bench adapters                       # or: python -m engine.bench_adapters
+    python -m benchmarks.adapters                 # or: loraq bench adapters
     loraq bench adapters --requests 32 --json adapters.json
 
 The seed scenario on the embedded SmolLM2-135M: a 70-token prompt, 10 new tokens (EOS ignored, so
@@ -20,8 +20,9 @@ every request does the same work), one request at a time (closed loop), rank-8 a
    measured over the first 100 instead.
 
 Prints progress lines while it runs, then one table with the ratios (p50 at 1000 / p50 at 1;
-PEFT / loraq). `--threads 1` (the default) keeps latencies steady on a shared 2-core box and
-leaves a core for adapter loads, which run in background threads.
+PEFT / loraq). `--threads 1` (the default) keeps latencies steady on a small shared machine and
+leaves a core for adapter loads, which run in background threads. Adapters are written, and the
+store of step 1 built and run, on threads of their own beside the engine (README, "CPU threads").
 """
 
 from __future__ import annotations
@@ -36,32 +37,27 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
 
-from engine.bench import make_prompts, write_random_adapter
+from benchmarks.common import make_prompts, on_own_thread, parse_targets, percentile, summary, write_random_adapters
+from benchmarks.common import progress as _progress
 from engine.config import EngineConfig
-from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
+from engine.engine import Engine
+from engine.lease import Lease
+from engine.model_loader import ModelSpec
+from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, SamplingParams
 
 STRIDE = 37  # coprime with every set size used: consecutive requests use different adapters
 POLL_S = 0.0005
 
 
-def say(message: str) -> None:
-    print(f"[bench adapters {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (p99 of a small sample is close to its max)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def summary(values: list[float]) -> dict:
-    return {"n": len(values), "p50": pct(values, 0.5), "p99": pct(values, 0.99),
-            "mean": statistics.fmean(values) if values else float("nan")}
+say = partial(_progress, "adapters")
 
 
 def rotation(n: int, count: int, first: int = 0) -> list[int]:
@@ -74,20 +70,20 @@ class Loraq:
     """One engine; requests one at a time, wall time from submit to on_finish."""
 
     def __init__(self, config: EngineConfig, new_tokens: int) -> None:
-        from engine.engine import Engine
-
         self.engine = Engine(config)
         self.params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         self._n = 0
+        self._prefetched: Lease | None = None  # held until the next request is submitted
 
     def request(self, ids: list[int], adapter: str | None,
                 prefetch: str | None = None) -> tuple[float, Completion]:
         """Latency (ms) and result of one request; `prefetch`: an adapter to prefetch as it is
-        submitted (as the worker does for the jobs it holds)."""
+        submitted, for the next request (as the worker prefetches the jobs it holds, and releases
+        each prefetch once that job is submitted)."""
         done = threading.Event()
-        box: list = []
+        box: list[Outcome] = []
 
-        def finish(outcome) -> None:
+        def finish(outcome: Outcome) -> None:
             box.append(outcome)
             done.set()
 
@@ -95,32 +91,42 @@ class Loraq:
         start = time.perf_counter()
         self.engine.submit(GenerationRequest(id=f"b{self._n}", prompt_token_ids=ids, params=self.params,
                                              adapter=AdapterRef(adapter) if adapter else None), None, finish)
+        if self._prefetched is not None:  # submitted: the engine holds the adapter itself now
+            self._prefetched.release()
+            self._prefetched = None
         if prefetch:
-            self.engine.prefetch(AdapterRef(prefetch))
+            self._prefetched = self.engine.prefetch(AdapterRef(prefetch))
         done.wait()
         ms = (time.perf_counter() - start) * 1e3
-        if not isinstance(box[0], Completion):
-            raise RuntimeError(f"request failed: {box[0]}")
-        return ms, box[0]
+        outcome = box[0]
+        if not isinstance(outcome, Completion):
+            raise RuntimeError(f"request failed: {outcome}")
+        return ms, outcome
 
     def register(self, names: list[str]) -> float:
-        """Prefetch every adapter and wait until the store holds them; seconds taken."""
+        """Prefetch every adapter and wait until the store holds them (then let go of the
+        prefetches: the host tier keeps them while its budget allows); seconds taken."""
         start = time.perf_counter()
         before = self.engine.adapter_store.stats()["loads"]
-        for name in names:
-            self.engine.prefetch(AdapterRef(name))
-        while True:
-            s = self.engine.adapter_store.stats()
-            if s["load_failures"]:
-                raise RuntimeError("adapter loads failed")
-            if s["loads"] - before >= len(names) and not s["queued"] and not s["loading"]:
-                return time.perf_counter() - start
-            time.sleep(0.01)
+        leases = [self.engine.prefetch(AdapterRef(name)) for name in names]
+        try:
+            while True:
+                s = self.engine.adapter_store.stats()
+                if s["load_failures"]:
+                    raise RuntimeError("adapter loads failed")
+                if s["loads"] - before >= len(names) and not s["queued"] and not s["loading"]:
+                    return time.perf_counter() - start
+                time.sleep(0.01)
+        finally:
+            for lease in leases:
+                lease.release()
 
 
-def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]) -> list[float]:
+def time_store_loads(config: EngineConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+                     names: list[str]) -> list[float]:
     """ms from `prefetch` to a pinned device slot for each adapter, one after another, in a store
-    shaped like the engine's (slots, budgets), while every earlier one stays registered."""
+    shaped like the engine's (slots, budgets), while every earlier one stays in its host tier.
+    Builds the slots and places adapters in them: call it on a thread of its own."""
     from engine.adapter_store import AdapterStore
     from engine.lora_slots import LoraSlots
 
@@ -130,7 +136,7 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
     for i, name in enumerate(names):
         ref = AdapterRef(name)
         start = time.perf_counter()
-        store.prefetch(ref)
+        lease = store.prefetch(ref)
         while (state := store.poll(ref)) == "loading":
             time.sleep(POLL_S)
         if state != "ready" or store.acquire(ref) is None:
@@ -138,6 +144,7 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+        lease.release()  # as the engine does once the adapter holds a slot
         store.release(ref)
         if (i + 1) % 250 == 0:
             say(f"  registered {i + 1}/{len(names)} (last {times[-1]:.1f} ms)")
@@ -145,7 +152,7 @@ def time_store_loads(config: EngineConfig, spec, device, dtype, names: list[str]
     return times
 
 
-def peft_request(model, ids: list[int], new_tokens: int, adapter: str) -> tuple[float, list[int]]:
+def peft_request(model: Any, ids: list[int], new_tokens: int, adapter: str) -> tuple[float, list[int]]:
     """Latency (ms) and new token ids; EOS is an ordinary token, as with loraq's ignore_eos (a
     `min_new_tokens` would instead forbid it, and change the tokens after it)."""
     start = time.perf_counter()
@@ -156,10 +163,10 @@ def peft_request(model, ids: list[int], new_tokens: int, adapter: str) -> tuple[
     return (time.perf_counter() - start) * 1e3, out[0, len(ids):].tolist()
 
 
-def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """Least squares y = a + b x."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 
 
@@ -184,17 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 1 < args.mid < args.adapters:
         ap.error("need 1 < --mid < --adapters")
+    if args.mid < 3 and not args.skip_peft:
+        ap.error("PEFT's load-time fit needs --mid >= 3 (or --skip-peft)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.verbose:  # thousands of per-request / per-load log lines would bury the progress
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = parse_targets(args.targets)
     big, mid, reqs = args.adapters, args.mid, args.requests
     t_start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-adapters-"))
-    out: dict = {"setup": {"model": args.model, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                           "rank": args.rank, "targets": targets, "requests_per_setting": reqs,
-                           "torch_threads": torch.get_num_threads(), "counts": [1, mid, big]}}
+    out: dict[str, Any] = {"setup": {
+        "model": args.model, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "rank": args.rank, "targets": targets, "requests_per_setting": reqs,
+        "torch_threads": torch.get_num_threads(), "counts": [1, mid, big]}}
     try:
         config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, adapter_root=str(root),
                               max_lora_rank=args.rank)
@@ -202,24 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         loraq = Loraq(config, args.new_tokens)
         engine = loraq.engine
         spec, tok = engine.spec, engine.tokenizer
-        out["setup"].update(device=str(engine.model.device), dtype=str(engine.model.dtype),
+        device, dtype = engine.model.device, engine.model.dtype
+        out["setup"].update(device=str(device), dtype=str(dtype),
                             device_slots=config.adapter_slots, host_bytes=config.adapter_host_bytes)
 
         say(f"writing {big} + {2 * args.prefetch_requests + 1} random PEFT adapters (rank {args.rank} on "
             f"{','.join(targets)}) under {root}")
         names = [f"tenant{i:04d}/bot" for i in range(big)]
-        extra = ["warmup/bot"] + [f"cold/{kind}{i}" for kind in ("plain", "pref") for i in range(args.prefetch_requests)]
+        extra = ["warmup/bot", *(f"cold/{kind}{i}" for kind in ("plain", "pref")
+                                 for i in range(args.prefetch_requests))]
         t0 = time.perf_counter()
-        for seed, name in enumerate(names + extra):
-            write_random_adapter(root / name, spec.module_shapes, spec.num_layers, args.rank, targets, seed,
-                                 spec.base_model_name)
+        write_random_adapters(root, names + extra, spec, args.rank, targets)
         adapter_mb = sum(f.stat().st_size for f in (root / names[0]).iterdir()) / 2**20
         say(f"  wrote {len(names) + len(extra)} adapters of {adapter_mb:.2f} MB in {time.perf_counter() - t0:.1f} s")
         prompts = make_prompts(tok, max(reqs, args.prefetch_requests, 3), args.prompt_tokens)
 
         # 1. register/load, source -> device, the 1st .. the 1000th
         say(f"loraq: registering {big} adapters one at a time (source -> host -> device slot)")
-        loads = time_store_loads(config, spec, engine.model.device, engine.model.dtype, names)
+        loads = on_own_thread(lambda: time_store_loads(config, spec, device, dtype, names))
         gc.collect()
         window = max(1, min(100, big // 10))
         out["loraq_register_ms"] = {"first": loads[0], "last": loads[-1],
@@ -255,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 lat[n].append(ms)
                 queue[n].append(result.timings.queue_ms)
                 tokens[n].append(list(result.token_ids))
-            say(f"  p50 {pct(lat[n], 0.5):.0f} ms  p99 {pct(lat[n], 0.99):.0f} ms  submit -> admitted p50 "
-                f"{pct(queue[n], 0.5):.1f} ms" + (f"  (same adapter: p50 {pct(same[n], 0.5):.0f} ms)" if n > 1 else ""))
+            say(f"  p50 {percentile(lat[n], 50):.0f} ms  p99 {percentile(lat[n], 99):.0f} ms  submit -> admitted "
+                f"p50 {percentile(queue[n], 50):.1f} ms"
+                + (f"  (same adapter: p50 {percentile(same[n], 50):.0f} ms)" if n > 1 else ""))
         out["loraq_latency_ms"] = {n: summary(v) for n, v in lat.items()}
         out["loraq_same_adapter_ms"] = {n: summary(v) for n, v in same.items() if v}
         out["loraq_queue_ms"] = {n: summary(v) for n, v in queue.items()}
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         # 3. prefetch: cold adapter on the critical path vs prefetched while an earlier request ran
         p = args.prefetch_requests
         say(f"loraq: prefetch, {p} requests for never-loaded adapters, without and with prefetch")
-        cases = {c: {"total": [], "queue": [], "load": []} for c in ("resident", "plain", "pref")}
+        cases: dict[str, dict[str, list[float]]] = {
+            c: {"total": [], "queue": [], "load": []} for c in ("resident", "plain", "pref")}
         for i in range(p):
             for case, adapter, ahead in (("resident", names[mid + i], f"cold/pref{i}"),  # the earlier request
                                          ("pref", f"cold/pref{i}", None), ("plain", f"cold/plain{i}", None)):
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key, value in (("total", ms), ("queue", result.timings.queue_ms),
                                    ("load", result.timings.adapter_load_ms)):
                     cases[case][key].append(value)
-        plain_q, pref_q = pct(cases["plain"]["queue"], 0.5), pct(cases["pref"]["queue"], 0.5)
+        plain_q, pref_q = percentile(cases["plain"]["queue"], 50), percentile(cases["pref"]["queue"], 50)
         out["prefetch_ms"] = {case: {key: summary(v) for key, v in d.items()} for case, d in cases.items()}
         out["prefetch_ms"]["hidden_fraction"] = 1 - pref_q / plain_q if plain_q > 0 else None
         out["loraq_stats"] = engine.stats()["adapters"]
@@ -311,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                     peft_lat[n].append(ms)
                     equal += ids == tokens[n][k]
                 agree[n] = equal / len(plan)
-                say(f"  p50 {pct(peft_lat[n], 0.5):.0f} ms  p99 {pct(peft_lat[n], 0.99):.0f} ms  "
+                say(f"  p50 {percentile(peft_lat[n], 50):.0f} ms  p99 {percentile(peft_lat[n], 99):.0f} ms  "
                     f"(greedy tokens equal to loraq's: {agree[n]:.0%})"
-                    + (f"  (same adapter: p50 {pct(peft_same[n], 0.5):.0f} ms)" if n > 1 else ""))
+                    + (f"  (same adapter: p50 {percentile(peft_same[n], 50):.0f} ms)" if n > 1 else ""))
             xs = list(range(2, len(peft_loads) + 1))
             a, b = linear_fit(xs, peft_loads[1:])
             out["peft_latency_ms"] = {n: summary(v) for n, v in peft_lat.items()}
@@ -349,8 +361,8 @@ def print_table(out: dict, big: int, mid: int) -> None:
           f"requests per cell, rank {s['rank']} on {','.join(s['targets'])}, torch threads {s['torch_threads']}, "
           f"{s['device_slots']} device slots")
     print("latency ms (same: a request on one resident adapter, alternated with the rotation's requests)")
-    print(f"{'adapters':>8s} | {'loraq p50':>9s} {'p99':>5s} {'same':>5s} | {'PEFT p50':>9s} {'p99':>5s} {'same':>5s} | "
-          f"{'PEFT/loraq p50':>14s}")
+    print(f"{'adapters':>8s} | {'loraq p50':>9s} {'p99':>5s} {'same':>5s} | {'PEFT p50':>9s} {'p99':>5s} "
+          f"{'same':>5s} | {'PEFT/loraq p50':>14s}")
 
     def cells(lat: dict, same: dict, n: int) -> str:
         if n not in lat:

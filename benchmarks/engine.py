@@ -1,6 +1,6 @@
 """Engine benchmark (issue 2): one run, one model, the same prompts, side by side.
 
-    python -m engine.bench            # or: loraq bench engine
+    python -m benchmarks.engine            # or: loraq bench engine
 
 (a) loraq, base model alone          (b) loraq, N distinct adapters, one per request
 (c) transformers `generate`, base, padded static batch
@@ -8,7 +8,8 @@
 (a)-(d) are timed --repeats times, taking turns. Prints tokens/s for each (medians) and the ratios
 the README quotes (medians of the ratios within each repeat). Throughput counts generated tokens
 (every request runs exactly --new-tokens; EOS is ignored so all systems do the same work). Each
-system has the cores to itself: see `on_own_thread`.
+system has the cores to itself: transformers runs on threads that end with each run while the
+engine is shut down (README, "CPU threads").
 """
 
 from __future__ import annotations
@@ -20,79 +21,31 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import structlog
 import torch
-from safetensors.torch import save_file
 
+from benchmarks.common import make_prompts, on_own_thread, parse_targets, write_random_adapters
+from benchmarks.common import progress as _progress
 from engine.config import EngineConfig
-from engine.request import AdapterRef, GenerationRequest, Completion, SamplingParams
+from engine.engine import Engine
+from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, SamplingParams
 
-T = TypeVar("T")
-
-
-def progress(message: str) -> None:
-    print(f"[bench engine {time.strftime('%H:%M:%S')}] {message}", flush=True)
+progress = partial(_progress, "engine")
 
 
-SEED_TEXT = (
-    "The quarterly report covers revenue, churn and support tickets for every region. "
-    "Customers asked about invoices, password resets, delivery delays and refunds. "
-    "Summarise the main issues, list the three most urgent actions, and suggest a reply "
-    "template that a support agent could send to an unhappy customer today. "
-)
-
-
-def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-    """n distinct prompts of exactly `length` token ids (rotated views of one long text)."""
-    ids = tokenizer(SEED_TEXT * 8, add_special_tokens=False)["input_ids"]
-    return [ids[(7 * i) % 200:(7 * i) % 200 + length] for i in range(n)]
-
-
-def write_random_adapter(out_dir: Path, module_shapes: dict[str, tuple[int, int]], num_layers: int,
-                         r: int, targets: tuple[str, ...], seed: int, base_name: str) -> Path:
-    """A PEFT-format LoRA adapter with random weights (small enough to keep text sane)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(num_layers):
-        for m in targets:
-            fan_in, fan_out = module_shapes[m]
-            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.02
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-           "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
-           "base_model_name_or_path": base_name, "use_rslora": False, "use_dora": False}
-    (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    return out_dir
-
-
-def write_random_adapters(root: Path, names: list[str], spec, r: int, targets: tuple[str, ...]) -> None:
-    """`write_random_adapter` for each name (seed: its index), on a thread of its own (see
-    `on_own_thread`): the caller's thread then starts no OpenMP pool beside the engine's."""
-    def write_all() -> None:
-        for i, name in enumerate(names):
-            write_random_adapter(root / name, spec.module_shapes, spec.num_layers, r, targets, i,
-                                 spec.base_model_name)
-
-    on_own_thread(write_all)
-
-
-def run_engine(engine, prompts: list[list[int]], new_tokens: int,
-               adapters: list[str | None]) -> tuple[float, list[Completion]]:
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int,
+               adapters: Sequence[str | None]) -> tuple[float, list[Completion]]:
     """Submit every request at once; wall seconds until the last finishes, and the results."""
     done = threading.Event()
-    results: dict[str, object] = {}
+    results: dict[str, Outcome] = {}
     lock = threading.Lock()
 
-    def on_finish(outcome) -> None:
+    def on_finish(outcome: Outcome) -> None:
         with lock:
             results[outcome.request_id] = outcome
             if len(results) == len(prompts):
@@ -102,27 +55,18 @@ def run_engine(engine, prompts: list[list[int]], new_tokens: int,
     start = time.perf_counter()
     engine.submit_many([(GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
                                            adapter=AdapterRef(adapter) if adapter else None), None, on_finish)
-                        for i, (ids, adapter) in enumerate(zip(prompts, adapters))])
+                        for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True))])
     done.wait()
     elapsed = time.perf_counter() - start
     ordered = [results[f"r{i}"] for i in range(len(prompts))]
-    failed = [o for o in ordered if not isinstance(o, Completion)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
-    return elapsed, ordered
+    completions = [o for o in ordered if isinstance(o, Completion)]
+    if len(completions) < len(ordered):
+        failed = next(o for o in ordered if not isinstance(o, Completion))
+        raise RuntimeError(f"{len(ordered) - len(completions)} requests failed, first: {failed}")
+    return elapsed, completions
 
 
-def on_own_thread(fn: Callable[[], T]) -> T:
-    """fn() on a new thread that ends with it. A thread that ran a parallel torch op keeps an
-    OpenMP pool until it ends, and with more OpenMP threads than cores libgomp stops spinning in
-    every pool, slowing small ops (see `Engine.__init__`). So the main thread runs no torch
-    op, transformers runs on threads that end with each run, and the engine is down meanwhile:
-    every system has the cores to itself, as it would in production."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
-
-
-def load_peft(hf, root: Path, names: list[str]):
+def load_peft(hf: Any, root: Path, names: list[str]) -> Any:
     """A PeftModel with every adapter, on a copy of the model (PEFT wraps layers in place, and (c)
     runs the plain model)."""
     import copy
@@ -135,7 +79,8 @@ def load_peft(hf, root: Path, names: list[str]):
     return peft_model.eval()
 
 
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, **kw) -> tuple[float, list[list[int]]]:
+def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, pad_id: int,
+                **kw: Any) -> tuple[float, list[list[int]]]:
     """transformers `generate` on a left-padded static batch; seconds and new token ids per row."""
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
@@ -169,11 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats must be at least 1")
     # the engine's per-request events would drown the table; progress lines are printed instead
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = parse_targets(args.targets)
     n, new = args.requests, args.new_tokens
     total_tokens = n * new
-
-    from engine.engine import Engine
 
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, adapter_root=str(root),
@@ -186,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     write_random_adapters(root, names, spec, args.rank, targets)
     progress(f"wrote {n} random rank-{args.rank} adapters on {','.join(targets)}")
 
-    def warm_up(engine) -> float:
+    def warm_up(engine: Engine) -> float:
         """First-call overheads and the adapter loads (source -> host -> device slots), off the clock."""
         cold_s, _ = run_engine(engine, prompts, 2, names)
         run_engine(engine, prompts, 2, [None] * n)
@@ -195,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     progress("warm-up (cold adapter loads, first calls)")
     cold_s = warm_up(engine)
     # each system: () -> (seconds, outputs); the last outputs of (b) and (d) are compared
-    loraq = {"a_loraq_base": lambda: run_engine(engine, prompts, new, [None] * n),
-             "b_loraq_adapters": lambda: run_engine(engine, prompts, new, names)}
-    hf_systems = {}
-    peft_model, pad = None, None
+    loraq: dict[str, Callable[[Engine], tuple[float, list[Any]]]] = {
+        "a_loraq_base": lambda engine: run_engine(engine, prompts, new, [None] * n),
+        "b_loraq_adapters": lambda engine: run_engine(engine, prompts, new, names)}
+    hf_systems: dict[str, Callable[[], tuple[float, list[Any]]]] = {}
+    peft_model: Any = None
+    pad = 0
     if not args.skip_hf:
         hf = model.hf_model  # the weights the engine runs on, as transformers runs them
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -212,22 +157,24 @@ def main(argv: list[str] | None = None) -> int:
             lambda: hf_generate(peft_model, prompts, new, pad, adapter_names=names))
 
     # every system once per repeat, in turn, so that the machine's background load hits all alike;
-    # the engine is down while transformers runs (see on_own_thread) and restarted, warm, after
+    # the engine is down while transformers runs (README, "CPU threads") and restarted, warm, after
     times: dict[str, list[float]] = {key: [] for key in [*loraq, *hf_systems]}
-    outputs: dict[str, list] = {}
+    outputs: dict[str, list[Any]] = {}
+    engine_stats: dict[str, Any] = {}
+    running: Engine | None = engine
     for rep in range(args.repeats):
-        if engine is None:
-            engine = Engine(config, model=model)
-            warm_up(engine)
-        for key, run in loraq.items():
-            seconds, outputs[key] = run()
+        if running is None:
+            running = Engine(config, model=model)
+            warm_up(running)
+        for key, run_loraq in loraq.items():
+            seconds, outputs[key] = run_loraq(running)
             times[key].append(seconds)
         if hf_systems:
-            engine_stats = engine.stats()
-            engine.shutdown()
-            engine = None
-            for key, run in hf_systems.items():
-                seconds, outputs[key] = run()
+            engine_stats = running.stats()
+            running.shutdown()
+            running = None
+            for key, run_hf in hf_systems.items():
+                seconds, outputs[key] = run_hf()
                 times[key].append(seconds)
         progress(f"repeat {rep}: " + ", ".join(f"{key.split('_')[0]} {t[-1]:.2f} s" for key, t in times.items()))
     tps = {key: total_tokens / statistics.median(t) for key, t in times.items()}
@@ -235,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     agreement = None
     if peft_model is not None:
         agreement = sum(list(r.token_ids) == d for r, d in
-                        zip(outputs["b_loraq_adapters"], outputs["d_peft_mixed_batch"])) / n
+                        zip(outputs["b_loraq_adapters"], outputs["d_peft_mixed_batch"], strict=True)) / n
         k = min(args.peft_serial, n)
 
         def one_at_a_time() -> float:
@@ -246,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             return seconds
 
         tps["e_peft_one_at_a_time"] = k * new / on_own_thread(one_at_a_time)
-    if engine is not None:
-        engine_stats = engine.stats()
-        engine.shutdown()
+    if running is not None:
+        engine_stats = running.stats()
+        running.shutdown()
 
     def paired(x: str, y: str) -> float:
         """Throughput of x / y: the median over repeats of t_y / t_x. A repeat runs the systems back
         to back, so each of its ratios compares runs under the same background load."""
-        return statistics.median(t_y / t_x for t_x, t_y in zip(times[x], times[y]))
+        return statistics.median(t_y / t_x for t_x, t_y in zip(times[x], times[y], strict=True))
 
     ratios = {"b/a": paired("b_loraq_adapters", "a_loraq_base")}
     if "c_hf_generate_base" in tps:

@@ -1,0 +1,135 @@
+"""The gateway's one frozen settings object: every field a `--flag` with an env twin; command line >
+environment > default. Names the gateway shares with the worker (broker, topology, model, adapter
+root, log level) read the same `LORAQ_*` variables, so one environment configures both; the
+gateway's own read `LORAQ_GATEWAY_*`. Bearer tokens come from the environment or a file only, never
+a flag (a command line is visible to every user of the host)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from consumer.protocol import Topology
+
+SHARED = "LORAQ_"
+OWN = "LORAQ_GATEWAY_"
+TOKENS_ENV = OWN + "TOKENS"
+
+
+def _opt(default: Any, help: str, env: str = OWN) -> Any:
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    # HTTP
+    host: str = _opt("0.0.0.0", "address the HTTP server binds")
+    port: int = _opt(8080, "HTTP port (0: any free port)")
+    request_timeout_s: float = _opt(
+        120.0, "seconds a request waits for its job; also the job's deadline (x-deadline-ms), so a "
+               "job whose caller gave up or disconnected is never started after it")
+    default_max_new_tokens: int | None = _opt(
+        None, "max_new_tokens of requests that set none (LoRAX max_new_tokens, OpenAI max_tokens); "
+              "default: the wire's default")
+    stream_linger_ms: float = _opt(
+        10.0, "LoRAX streams: how long a token waits for the job's final reply, so that the last "
+             "token event carries generated_text and details as TGI's does (0: never wait)")
+    max_body_bytes: int = _opt(2 << 20, "largest HTTP request body")
+    tokens_file: str | None = _opt(
+        None, f"file of bearer tokens, one per line (# comments); with it or {TOKENS_ENV} "
+              "(comma-separated) set, every route but /health, /healthz and /metrics needs "
+              "`Authorization: Bearer <token>`")
+
+    # broker and topology (the worker's names)
+    amqp_url: str = _opt("amqp://guest:guest@127.0.0.1:5672/",
+                         "AMQP URL; query options such as ?reconnect_interval=2 tune the connection",
+                         SHARED)
+    exchange: str = _opt(Topology.exchange, "jobs exchange (direct)", SHARED)
+    routing_key: str = _opt(Topology.routing_key, "routing key of jobs", SHARED)
+    queue: str = _opt(Topology.queue, "jobs queue: /health reports whether a worker consumes it",
+                      SHARED)
+
+    # what /info, /v1/models and `model` name
+    model: str = _opt("embedded", "the base model's name: /info's model_id, listed by /v1/models; "
+                                  "OpenAI requests naming it (or \"\") run on the base model", SHARED)
+    adapter_root: str | None = _opt(None, "directory of local adapters (the worker's): /v1/models "
+                                          "lists the adapters under it", SHARED)
+    log_level: str = _opt("info", "debug | info | warning | error", SHARED)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+        if self.stream_linger_ms < 0:
+            raise ValueError("stream_linger_ms must be >= 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.default_max_new_tokens is not None and self.default_max_new_tokens < 1:
+            raise ValueError("default_max_new_tokens must be >= 1")
+
+    def topology(self) -> Topology:
+        return Topology(exchange=self.exchange, routing_key=self.routing_key, queue=self.queue)
+
+    def redacted_url(self) -> str:
+        """amqp_url without its password, for logs."""
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.amqp_url)
+
+    def load_tokens(self, env: Mapping[str, str] | None = None) -> frozenset[str]:
+        """Bearer tokens from TOKENS_ENV (comma-separated) and `tokens_file` (one per line, blank
+        lines and # comments skipped). Empty: no authentication."""
+        tokens = {t.strip() for t in (os.environ if env is None else env).get(TOKENS_ENV, "").split(",")}
+        if self.tokens_file:
+            for line in Path(self.tokens_file).read_text().splitlines():
+                tokens.add(line.split("#", 1)[0].strip())
+        return frozenset(t for t in tokens if t)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Parse `argv`; unset flags fall back to their env twins in `env` (default os.environ)."""
+        env = os.environ if env is None else env
+        args = vars(build_parser().parse_args(argv))
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if args[f.name] is not None:
+                values[f.name] = args[f.name]
+            elif (raw := env.get(env_name(f.name))) is not None:
+                values[f.name] = _convert(f.type, raw)
+        return cls(**values)
+
+
+def env_name(name: str) -> str:
+    f = next(f for f in fields(GatewaySettings) if f.name == name)
+    return f.metadata["env"] + name.upper()
+
+
+def _convert(kind: Any, raw: str) -> Any:
+    """A flag's or env variable's text as its field's type (`kind`: the annotation, a string)."""
+    kind = str(kind).replace(" ", "")
+    if raw == "" and "None" in kind:
+        return None
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraq gateway",
+        description="HTTP gateway: LoRAX's REST API and OpenAI's, each request a job on the queue. "
+                    f"Bearer tokens: {TOKENS_ENV} (comma-separated) or --tokens-file.")
+    for f in fields(GatewaySettings):
+        default = f.default if f.default is not MISSING else None
+        help = f"{f.metadata['help']} [env {env_name(f.name)}, default {default!r}]"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
+                            type=partial(_convert, f.type))
+    return parser

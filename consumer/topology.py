@@ -1,0 +1,116 @@
+"""Declares a worker's AMQP objects (wire protocol v1 topology, docs/protocol.md).
+
+Without affinity: jobs exchange (direct) ──generate──▶ jobs queue (quorum, x-delivery-limit,
+dead-letters to the DLX) ; DLX (fanout) ──▶ dead-letter queue ; results exchange (topic).
+
+Adapter affinity (`--affinity`, off by default; every worker of a topology on or every one off):
+
+    jobs exchange ──generate──▶ affinity exchange (x-consistent-hash on header x-adapter-id)
+                                   │ one of the workers' own queues, chosen by the adapter id
+                                   ├──▶ worker queue (classic, durable, x-message-ttl 0, x-expires)
+                                   │       └─ not taken at once ─dead-letter─┐
+                                   └─ no worker queue bound ─alternate-exchange─┤
+                                                               affinity fallback (fanout)
+                                                                   ▼
+                                                         jobs queue (quorum, shared)
+
+Each worker consumes its own queue and the shared jobs queue. The shared queue loses its direct
+binding (it is reached through the fallback instead; a queue reached twice gets one copy), so a job
+is in exactly one queue at a time. A job hashed to a worker reaches it only if that worker can
+take it this instant: a queue TTL of 0 expires every message that cannot be delivered to a
+consumer at once, and expired messages are dead-lettered to the fallback, i.e. the shared queue
+(RabbitMQ's documented "TTL 0" behaviour). So the worker queue never holds ready messages, and:
+  - a busy or dead worker: its jobs spill to the shared queue at once, any worker takes them;
+  - a worker killed with unacked jobs: they are requeued with their original expiry (already
+    past), so they are dead-lettered to the shared queue too, not left in its queue;
+  - x-expires then deletes the dead worker's queue and its binding: nothing is in it to lose
+    (deleting a queue does not dead-letter; that is why messages must never wait in it);
+  - a broker restart: the queue is durable, so persistent jobs held unacked by its worker come
+    back; the TTL, re-applied as the queue starts, dead-letters them to the shared queue;
+  - no affinity worker at all: the affinity exchange routes to no queue, so its alternate
+    exchange (the fallback) takes the job to the shared queue.
+Dead-lettering drops a job's `expiration`; protocol.parse_deadline restores it from `x-death`.
+A publisher that leaves out x-adapter-id still works: its jobs hash as one key (no affinity).
+Limits: classic-queue dead-lettering is at-most-once (a broker crash in that instant can lose the
+job); running affinity and non-affinity workers on one topology binds the shared queue both ways
+and may run a job twice (answered twice; clients drop the duplicate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustQueue
+
+from consumer.protocol import HEADER_ADAPTER_ID, Topology
+
+AFFINITY_EXCHANGE_TYPE = "x-consistent-hash"  # from the plugin rabbitmq_consistent_hash_exchange
+AFFINITY_WEIGHT = "1"  # consistent-hash binding key: buckets per worker (all workers alike)
+AFFINITY_QUEUE_EXPIRES_MS = 10_000  # a dead worker's (always empty) queue leaves the ring after this
+
+
+class AffinityUnavailable(RuntimeError):
+    """--affinity on a broker without the consistent-hash exchange plugin."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a worker consumes from and publishes to."""
+
+    jobs_queue: AbstractRobustQueue  # the shared quorum queue
+    own_queue: AbstractRobustQueue | None  # this worker's affinity queue (--affinity only)
+    dlx: AbstractExchange
+    results: AbstractExchange
+
+
+async def declare(channel: AbstractRobustChannel, topology: Topology, *, affinity: bool,
+                  worker_id: str) -> Declared:
+    """Declare (idempotently) every object of `topology`; with `affinity`, also this worker's own
+    queue, named after `worker_id`. Raises AffinityUnavailable without the broker plugin."""
+    t = topology
+    dlx = await channel.declare_exchange(t.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead = await channel.declare_queue(t.dead_queue, durable=True)
+    await dead.bind(dlx, routing_key="")
+    jobs = await channel.declare_exchange(t.exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    queue = await channel.declare_queue(t.queue, durable=True, arguments={
+        "x-queue-type": "quorum",
+        "x-delivery-limit": t.delivery_limit,
+        "x-dead-letter-exchange": t.dlx,
+    })
+    own = None
+    if affinity:
+        own = await _declare_affinity(channel, t, jobs, queue, worker_id)
+    else:
+        await queue.bind(jobs, routing_key=t.routing_key)
+    results = await channel.declare_exchange(t.results_exchange, aio_pika.ExchangeType.TOPIC,
+                                             durable=True)
+    return Declared(jobs_queue=queue, own_queue=own, dlx=dlx, results=results)
+
+
+async def _declare_affinity(channel: AbstractRobustChannel, t: Topology, jobs: AbstractExchange,
+                            queue: AbstractRobustQueue, worker_id: str) -> AbstractRobustQueue:
+    """Order matters while other workers run: the jobs reach the shared queue through the fallback
+    before its direct binding goes, and this worker's queue joins the ring last (never two routes
+    to two queues)."""
+    fallback = await channel.declare_exchange(t.affinity_fallback, aio_pika.ExchangeType.FANOUT,
+                                              durable=True)
+    await queue.bind(fallback, routing_key="")
+    try:
+        ring = await channel.declare_exchange(
+            t.affinity_exchange, AFFINITY_EXCHANGE_TYPE, durable=True,
+            arguments={"hash-header": HEADER_ADAPTER_ID, "alternate-exchange": t.affinity_fallback})
+    except aiormq.exceptions.ConnectionCommandInvalid as e:  # unknown exchange type
+        raise AffinityUnavailable(
+            "--affinity needs the RabbitMQ plugin rabbitmq_consistent_hash_exchange "
+            "(rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)") from e
+    await ring.bind(jobs, routing_key=t.routing_key)
+    await queue.unbind(jobs, routing_key=t.routing_key)
+    own = await channel.declare_queue(
+        t.worker_queue(worker_id), durable=True,
+        arguments={"x-message-ttl": 0,  # taken at once, else dead-lettered to the shared queue
+                   "x-dead-letter-exchange": t.affinity_fallback,
+                   "x-expires": AFFINITY_QUEUE_EXPIRES_MS})
+    await own.bind(ring, routing_key=AFFINITY_WEIGHT)
+    return own

@@ -1,0 +1,155 @@
+"""The benchmarks' plumbing, without running a benchmark: shared helpers (percentiles, prompts,
+random adapters written off the calling thread and accepted by the engine), the e2e bench's worker
+flags, report and broker floor, the adapter rotation, and `loraq bench` with and without a
+checkout."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common
+from benchmarks.adapters import rotation
+from benchmarks.e2e import Run, report, worker_flags
+from consumer import cli
+from consumer.protocol import Topology
+from consumer.settings import WorkerSettings
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert common.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert common.percentile([1.0, 2.0], 50) == 1.5
+    assert common.percentile(list(map(float, range(101))), 99) == 99.0
+    assert common.percentile([7.0], 99) == 7.0
+    assert math.isnan(common.percentile([], 50))
+    assert common.summary([1.0, 3.0]) == {"n": 2, "p50": 2.0, "p99": pytest.approx(2.98), "mean": 2.0}
+
+
+def test_make_prompts_gives_distinct_prompts_of_the_exact_length() -> None:
+    def tokenizer(text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    prompts = common.make_prompts(tokenizer, 5, 40)
+    assert [len(p) for p in prompts] == [40] * 5
+    assert len({tuple(p) for p in prompts}) == 5
+
+
+def test_random_adapters_are_written_off_the_calling_thread_and_load(tmp_path: Path, loaded_models,
+                                                                     monkeypatch) -> None:
+    import torch
+
+    from engine.adapter import load_peft_adapter
+
+    spec = loaded_models("llama").spec
+    writers: set[int] = set()
+    write_one = common.write_random_adapter
+
+    def recording(*args, **kwargs) -> None:
+        writers.add(threading.get_ident())
+        write_one(*args, **kwargs)
+
+    monkeypatch.setattr(common, "write_random_adapter", recording)
+    common.write_random_adapters(tmp_path, ["a/x", "b/y"], spec, 4, ("q_proj", "down_proj"))
+    assert writers and threading.get_ident() not in writers
+    for name in ("a/x", "b/y"):
+        weights = load_peft_adapter(tmp_path / name, spec, torch.float32, max_rank=8, allow_pickle=False)
+        assert weights is not None
+    a = (tmp_path / "a/x/adapter_model.safetensors").read_bytes()
+    assert a != (tmp_path / "b/y/adapter_model.safetensors").read_bytes()  # seeded by index
+
+
+def test_rotation_never_repeats_an_adapter_back_to_back() -> None:
+    for n in (2, 99, 900):
+        plan = rotation(n, 3 * n, first=1)
+        assert all(1 <= i <= n for i in plan)
+        assert all(a != b for a, b in zip(plan, plan[1:], strict=False))
+        assert len(set(plan[:n])) == n  # none repeats within n requests
+
+
+def _e2e_args(**overrides) -> argparse.Namespace:
+    values = dict(amqp_url="amqp://u:p@h:5672/", model="some/model", device="cpu", dtype="float32",
+                  max_batch=16, jobs=64, batch_window_ms=2.5, rank=8, adapters=40, adapter_slots=32)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_e2e_worker_flags_build_the_in_process_engine_alike(tmp_path: Path) -> None:
+    topology = Topology.prefixed("loraq-bench-x")
+    settings = WorkerSettings.from_args(worker_flags(_e2e_args(), topology, tmp_path), env={})
+    assert settings.topology == topology
+    config = settings.engine_config()
+    assert (config.model, config.device, config.dtype) == ("some/model", "cpu", "float32")
+    assert (config.max_batch, config.max_lora_rank, config.adapter_slots) == (16, 8, 40)
+    assert config.adapter_root == str(tmp_path)
+    assert (settings.prefetch, settings.batch_window_ms) == (64, 2.5)
+
+
+def test_e2e_report_compares_the_paths() -> None:
+    def run(path: str, load: str, outside_ms: float) -> Run:
+        return Run(path, load, [2.0], [100.0, 200.0], [1.0, 1.0], [outside_ms] * 2, [4, 4],
+                   ["a", "b" if path == "engine" else "c"])
+
+    runs = {(p, load): run(p, load, 0.0 if p == "engine" else 3.0)
+            for p in ("engine", "rabbitmq") for load in ("burst", "serial")}
+    args = _e2e_args(jobs=2, adapters=1, rank=4, targets="q_proj", prompt_tokens=70, new_tokens=4,
+                     json_out=None)
+    table, numbers = report(args, "cpu", runs, [2.0, 2.5, 9.0])
+    assert numbers["summary"]["serial_p50_overhead_ms"] == 3.0
+    assert numbers["summary"]["broker_floor_p50_ms"] == 2.5
+    assert "loraq's own share: +0.5 ms" in table
+    assert numbers["summary"]["identical_texts_burst"] == "1/2"
+    assert "[target < 5 ms: met]" in table and "[target >= 0.95: met]" in table
+
+
+async def test_e2e_broker_floor_echo_round_trips() -> None:
+    """The e2e bench's broker floor: a bare echo in another process answers through a quorum
+    queue, and its queue is gone afterwards."""
+    import aio_pika
+
+    from benchmarks.e2e import BrokerFloor
+    from tests.amqp_helpers import AMQP_URL
+
+    async with BrokerFloor(AMQP_URL) as floor:
+        for _ in range(3):
+            await floor.round_trip()
+    assert len(floor.round_trips_ms) == 3 and all(t > 0 for t in floor.round_trips_ms)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await channel.declare_queue(floor.queue, passive=True)
+
+
+def test_loraq_bench_runs_the_checkout_benchmarks(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # not the checkout: found beside the consumer package
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "e2e", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: loraq bench e2e" in capsys.readouterr().out
+
+
+def test_loraq_bench_outside_a_checkout_says_where_they_are(tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    def never(name: str) -> None:
+        raise AssertionError(f"imported {name}")
+
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.importlib, "import_module", never)
+    assert cli.main(["bench", "adapters", "--requests", "1"]) == 2
+    assert "run from a checkout" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "No benchmarks/ folder here" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_benchmarks_are_not_imported_by_the_product() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for package in ("consumer", "engine"):
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            assert "from benchmarks" not in text and "import benchmarks" not in text, path
