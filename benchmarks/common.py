@@ -81,6 +81,45 @@ def write_random_adapters(root: Path, names: Sequence[str], spec: ModelSpec, ran
     on_own_thread(write_all)
 
 
+def model_source(model: str) -> tuple[str, dict[str, str], str]:
+    """(what from_pretrained gets, its kwargs, a display name) for `model` as --model names it:
+    'embedded', a local dir, a .gguf file or a hub id."""
+    from engine.config import EMBEDDED_MODEL
+    from engine.model_loader import embedded_model_path
+
+    if model == EMBEDDED_MODEL:
+        directory, gguf_file = embedded_model_path()
+        return directory, {"gguf_file": gguf_file}, "SmolLM2-135M-Instruct (embedded)"
+    if model.endswith(".gguf") and Path(model).is_file():
+        return str(Path(model).parent), {"gguf_file": Path(model).name}, model
+    return model, {}, model
+
+
+def model_spec(model: str) -> ModelSpec:
+    """`model`'s ModelSpec from its config alone (no weights): what writing adapters for a worker
+    that loads the model itself needs. Llama-family projection shapes."""
+    from transformers import AutoConfig
+
+    from engine.model_loader import ModelSpec
+
+    source, kwargs, name = model_source(model)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return ModelSpec(config.model_type, config.num_hidden_layers, hidden, shapes, name)
+
+
+def model_tokenizer(model: str) -> Any:
+    """`model`'s tokenizer (for prompts of a known length)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs, _ = model_source(model)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0 <= q <= 100), linear between closest ranks (numpy's default); nan
     for no values."""

@@ -151,8 +151,7 @@ def random_adapter(spec, rank: int, modules: tuple[str, ...], seed: int, dtype, 
             fan_in, fan_out = spec.module_shapes[m]
             weights[(layer, m)] = ((torch.randn(fan_in, rank, generator=g) / fan_in**0.5).to(dtype),
                                    (torch.randn(rank, fan_out, generator=g) * std).to(dtype))
-    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
-    return AdapterWeights(f"random{seed}", rank, weights, nbytes)
+    return AdapterWeights.from_modules(f"random{seed}", weights)
 
 
 def model_spec(shape: Shape, name: str):

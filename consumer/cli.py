@@ -34,6 +34,7 @@ DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining
     "bench e2e": "benchmarks.e2e:main",
     "bench adapters": "benchmarks.adapters:main",
     "bench gateway": "benchmarks.gateway:main",
+    "bench structured": "benchmarks.structured:main",
 }
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository, when run from a checkout
 BENCH_HELP = {
@@ -41,6 +42,7 @@ BENCH_HELP = {
     "e2e": "jobs/s and latency through RabbitMQ against the engine alone",
     "adapters": "latency at 1/100/1000 adapters in rotation, loraq vs PEFT; cold loads and prefetch",
     "gateway": "latency and jobs/s through the HTTP gateway against publishing to the broker",
+    "structured": "step time with and without grammar-constrained rows (response_format); validity",
 }
 CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}
 

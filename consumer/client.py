@@ -13,23 +13,33 @@ app can install and use it alone:
         print(client.generate("Hello").generated_text)
 
 `GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent.
+
+A client that stops waiting stops the work: each job carries the caller's timeout as its deadline
+(`x-deadline-ms`) unless `deadline` says otherwise, and a worker drops or cancels a job past it.
+Several broker URLs (a comma-separated string or a list) make one connection that moves to another
+node of the cluster when its node goes away; jobs still waiting then are published again (same job
+ids: a worker answers a job it already finished from its result cache, and the client keeps the
+first answer), because replies sent while the client was away are lost with its reply queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import DeliveryError, PublishError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from consumer.connection import FailoverConnection, connect
 from consumer.protocol import (
     HEADER_ADAPTER_ID,
     HEADER_DEADLINE,
@@ -94,34 +104,39 @@ class _Pending:
     """The replies of one in-flight job, in arrival order. Leaves the client's map at its final
     reply, so a duplicate final (a redelivered job answered twice) is dropped as unknown."""
 
-    __slots__ = ("job_id", "stream", "replies", "next_index")
+    __slots__ = ("job_id", "stream", "replies", "next_index", "message")
 
-    def __init__(self, job_id: str, stream: bool) -> None:
+    def __init__(self, job_id: str, stream: bool, message: aio_pika.Message) -> None:
         self.job_id = job_id
         self.stream = stream
+        self.message = message  # published again after a reconnect
         self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()  # None: the client closed
         self.next_index = 0  # tokens below it were seen (a recomputed job streams them again)
 
 
 class Client:
     """Async client. One robust connection, one confirm channel, one exclusive reply queue;
-    any number of concurrent jobs, told apart by correlation id."""
+    any number of concurrent jobs, told apart by correlation id. `url`: one broker URL, several
+    comma-separated, or a list (the nodes of a cluster)."""
 
-    def __init__(self, url: str = DEFAULT_AMQP_URL, *, topology: Topology | None = None,
+    def __init__(self, url: str | Sequence[str] = DEFAULT_AMQP_URL, *, topology: Topology | None = None,
                  content_type: str = MSGPACK, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = url
         self.topology = topology or Topology()
         self.content_type = normalize_content_type(content_type)
         self.timeout = timeout
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._reply_queue = f"loraq.reply.{uuid.uuid4().hex}"
         self._pending: dict[str, _Pending] = {}
 
     async def connect(self) -> Client:
-        self._connection = await aio_pika.connect_robust(self.url)
+        self._connection = await connect(self.url, client_properties={
+            "connection_name": f"loraq-client@{socket.gethostname()}:{os.getpid()}"})
         try:
             await self._open_channel(self._connection)
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
         except BaseException:
             await self.close()
             raise
@@ -129,7 +144,8 @@ class Client:
 
     async def _open_channel(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         # on_return_raises: a mandatory job that reaches no queue raises at once instead of vanishing
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = self._channel = await connection.channel(publisher_confirms=True,
+                                                          on_return_raises=True)
         # Declared here too (same arguments as the worker) so that publishing before any worker has
         # started is "unroutable", not a channel-closing NOT_FOUND.
         self._exchange = await channel.declare_exchange(
@@ -144,7 +160,7 @@ class Client:
         for pending in self._pending.values():
             pending.replies.put_nowait(None)
         self._pending.clear()
-        self._exchange = None
+        self._exchange = self._channel = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -162,12 +178,14 @@ class Client:
         """Run one job and return its result. `parameters`: protocol v1 names (max_new_tokens,
         temperature, do_sample, top_k, top_p, typical_p, repetition_penalty, stop, seed,
         return_full_text, details, adapter_source, api_token). `deadline`: seconds from now after
-        which the worker must not start it. Raises UnroutableError, GenerationTimeout,
+        which the worker drops the job, or cancels it mid-generation (default: `timeout`, so the
+        work stops when the caller stops waiting). Raises UnroutableError, GenerationTimeout,
         GenerationError, ProtocolError (bad arguments, before publishing)."""
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
         cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
-                                          deadline, stream=False)
+                                          timeout if deadline is None else deadline, end, timeout,
+                                          stream=False)
         try:
             return self._final(pending, await self._next(pending, end, timeout))
         finally:
@@ -179,11 +197,12 @@ class Client:
                               deadline: float | None = None,
                               **parameters: Any) -> AsyncGenerator[Token | GenerationResult, None]:
         """Like `generate`, streamed: yields each `Token` in order, then the `GenerationResult`.
-        `timeout` bounds the whole job."""
+        `timeout` bounds the whole job (and is its deadline unless `deadline` is given)."""
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
         cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
-                                          deadline, stream=True)
+                                          timeout if deadline is None else deadline, end, timeout,
+                                          stream=True)
         try:
             while True:
                 reply = await self._next(pending, end, timeout)
@@ -197,7 +216,8 @@ class Client:
 
     async def _submit(self, inputs: str | None, messages: list[dict] | None,
                       adapter_id: str | None, parameters: dict[str, Any], job_id: str | None,
-                      deadline: float | None, *, stream: bool) -> tuple[str, _Pending]:
+                      deadline: float, end: float, timeout: float, *,
+                      stream: bool) -> tuple[str, _Pending]:
         if self._exchange is None:
             raise LoraqError("client is not connected: use `async with Client(...)` or connect()")
         unknown = set(parameters) - _PARAMETER_NAMES
@@ -211,17 +231,16 @@ class Client:
         headers: dict[str, Any] = {}
         if adapter_id:  # what workers started with --affinity hash on
             headers[HEADER_ADAPTER_ID] = adapter_id
-        if deadline is not None:
-            headers[HEADER_DEADLINE] = int((time.time() + deadline) * 1000)
+        headers[HEADER_DEADLINE] = int((time.time() + deadline) * 1000)
         message = aio_pika.Message(
             encode(body, self.content_type), content_type=self.content_type,
             message_id=job_id, correlation_id=cid, reply_to=self._reply_queue,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or None,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers,
             timestamp=datetime.now(UTC))
-        pending = _Pending(job_id, stream)
+        pending = _Pending(job_id, stream, message)
         self._pending[cid] = pending  # before publishing: a fast reply must find it
         try:
-            await self._exchange.publish(message, self.topology.routing_key, mandatory=True)
+            await self._publish(message, end)
         except PublishError:
             self._pending.pop(cid, None)
             raise UnroutableError(
@@ -232,10 +251,49 @@ class Client:
             self._pending.pop(cid, None)
             raise GenerationError(OVERLOADED, "the broker refused the job (nack)", True,
                                   job_id) from None
+        except TimeoutError:
+            self._pending.pop(cid, None)
+            raise GenerationTimeout(job_id, timeout) from None
         except BaseException:
             self._pending.pop(cid, None)
             raise
         return cid, pending
+
+    async def _publish(self, message: aio_pika.Message, end: float) -> None:
+        """Publish a job and wait for its confirm. A connection or channel lost on the way is
+        waited out (the robust connection restores it, on another node if need be) and the job
+        published again, until `end` (TimeoutError). Publishing twice is harmless: one job id."""
+        exchange, channel = self._exchange, self._channel
+        assert exchange is not None and channel is not None, "connected"
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                await exchange.publish(message, self.topology.routing_key, mandatory=True, timeout=left)
+                return
+            except (PublishError, DeliveryError):
+                raise
+            except CONNECTION_EXCEPTIONS as e:
+                if self._connection is None or self._connection.is_closed:
+                    raise
+                log.warning("publish_retry job_id=%s error=%s", message.message_id, type(e).__name__)
+                await asyncio.wait_for(channel.ready(), max(0.0, end - time.monotonic()))
+
+    def _on_reconnect(self, *_: Any) -> None:
+        """The connection is back (maybe on another node) with a new reply queue: what was
+        answered while it was away is lost, so publish every waiting job again."""
+        for pending in list(self._pending.values()):
+            asyncio.get_running_loop().create_task(self._republish(pending))
+
+    async def _republish(self, pending: _Pending) -> None:
+        try:
+            assert self._exchange is not None
+            await self._exchange.publish(pending.message, self.topology.routing_key, mandatory=True,
+                                         timeout=self.timeout)
+            log.info("job_republished job_id=%s", pending.job_id)
+        except Exception as e:  # its wait times out as before; nothing else to do here
+            log.warning("job_republish_failed job_id=%s error=%s", pending.job_id, type(e).__name__)
 
     @staticmethod
     async def _next(pending: _Pending, end: float, timeout: float) -> Reply | None:

@@ -10,8 +10,8 @@ from typing import Any
 import aiormq.exceptions
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumer import protocol
-from consumer.protocol import Details, GenerationResult, Job, Token
+from consumer import settlement
+from consumer.protocol import BestOfSequence, Details, GenerationResult, Job, Token
 from consumer.publisher import Address
 from engine.lease import Lease
 from engine.request import AdapterRef, Completion, GenerationRequest
@@ -26,13 +26,9 @@ class Delivery:
     received: float  # time.time()
 
     @property
-    def count(self) -> int:
-        """Earlier deliveries that ended without an ack (quorum queues' x-delivery-count)."""
-        raw = (self.message.headers or {}).get(protocol.HEADER_DELIVERY_COUNT, 0)
-        try:
-            return int(raw) if isinstance(raw, int | str | bytes) else 0
-        except ValueError:
-            return 0
+    def attempts(self) -> int:
+        """Attempts at this job before this delivery (consumer.settlement.attempts)."""
+        return settlement.attempts(self.message.headers)
 
     @property
     def alive(self) -> bool:
@@ -69,22 +65,31 @@ class InflightJob:
 
 def to_request(job: Job, default_adapter_source: str, arrival: float) -> GenerationRequest:
     p = job.parameters
-    adapter = None if p.adapter_id is None else AdapterRef(
-        id=p.adapter_id, source=p.adapter_source or default_adapter_source, api_token=p.api_token)
+    source = p.adapter_source or default_adapter_source
+    adapter = None if p.adapter_id is None else AdapterRef(id=p.adapter_id, source=source, api_token=p.api_token)
+    if p.merged_adapters is not None:
+        adapter = AdapterRef.merged(p.merged_adapters, source, p.api_token)
     return GenerationRequest(
         id=job.id, params=p.sampling, prompt=job.inputs,
         messages=None if job.messages is None else [dict(m) for m in job.messages],
         adapter=adapter,
         deadline=None if job.deadline_ms is None else job.deadline_ms / 1000.0,
-        arrival_time=arrival)
+        arrival_time=arrival, truncate=p.truncate, response_format=p.response_format)
 
 
 def to_result(job: Job, c: Completion) -> GenerationResult:
-    text = job.inputs + c.text if job.parameters.return_full_text and job.inputs else c.text
-    tokens = None
-    if job.parameters.details:
-        tokens = tuple(Token(t.index, t.token_id, t.text, t.logprob) for t in c.tokens)
+    """The reply to a finished job: `return_full_text` prepends the inputs (to the other `best_of`
+    sequences too), tokens only with `details`, prompt tokens only with `decoder_input_details`."""
+    p = job.parameters
+    prefix = job.inputs if p.return_full_text and job.inputs else ""
+    tokens = tuple(Token.of(t) for t in c.tokens) if p.details else ()
+    others = None if c.best_of_sequences is None else tuple(
+        BestOfSequence(generated_text=prefix + o.text, finish_reason=o.finish_reason,
+                       generated_tokens=o.generated_tokens, seed=o.seed, prefill=o.prefill,
+                       tokens=tuple(Token.of(t) for t in o.tokens) if p.details else ())
+        for o in c.best_of_sequences)
     return GenerationResult(
-        id=job.id, generated_text=text, timings=c.timings, adapter_id=job.adapter_id,
+        id=job.id, generated_text=prefix + c.text, timings=c.timings, adapter_id=job.adapter_id,
         details=Details(finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
-                        generated_tokens=c.generated_tokens, seed=c.seed, tokens=tokens))
+                        generated_tokens=c.generated_tokens, seed=c.seed, tokens=tokens,
+                        prefill=c.prefill if p.decoder_input_details else (), best_of_sequences=others))

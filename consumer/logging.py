@@ -1,6 +1,6 @@
 """structlog as JSON: one line per event on stderr, stdlib loggers (aio-pika, the engine's libraries)
 routed through the same renderer so the stream stays machine-readable; `redact_url` keeps passwords
-out of it."""
+out of it, and an event field named like a credential (`api_token`, ...) is masked whatever it holds."""
 
 from __future__ import annotations
 
@@ -10,10 +10,22 @@ import sys
 from typing import TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+SECRET_FIELDS = frozenset({"api_token", "hf_token", "password", "authorization"})
+
+
+def mask_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """A field that names a credential is logged as *** (a second line of defence: loraq logs
+    none; this catches one passed by mistake)."""
+    for key in SECRET_FIELDS & event.keys():
+        event[key] = "***"
+    return event
+
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
+    mask_secrets,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]

@@ -1,9 +1,11 @@
-"""Prometheus metrics of one worker and the tiny HTTP server that serves them with a health check.
+"""Prometheus metrics of one worker and the tiny HTTP server that serves them with its probes.
 
 `GET /metrics`: the registry (plus the engine's `stats()` numbers as `loraq_engine_*` gauges).
-`GET /healthz`: 200 while the worker is connected and consuming, else 503. It is served by the
-worker's own event loop, so a blocked loop fails the check too. `probe()` is the docker-compose
-healthcheck (`loraq health` / `python -m consumer health`)."""
+`GET /livez`: 200 while the process serves, from before the model loads until it exits (liveness).
+`GET /readyz`: 200 while the worker is connected, consuming, and its engine's step loop alive,
+else 503 (readiness); `GET /healthz` is the same, for older probes. Both are served by the worker's
+own event loop, so a blocked loop fails them too. `probe()` is the docker-compose healthcheck
+(`loraq health` / `python -m consumer health`)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ class Metrics:
             ["route"], registry=r)  # shared | affinity (this worker's own queue, --affinity)
         self.jobs_finished = Counter(
             "loraq_jobs_finished", "deliveries settled, by how",
-            ["outcome"], registry=r)  # result | cached | requeued | dead_lettered | lost
+            ["outcome"], registry=r)  # result | cached | retried | returned | dead_lettered | lost
         self.errors = Counter("loraq_errors", "error replies by error_type", ["error_type"],
                               registry=r)
         self.queue_wait = Histogram("loraq_queue_wait_seconds",
@@ -97,12 +99,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsServer:
-    """HTTP/1.0, GET only, on the worker's loop: /metrics and /healthz."""
+def _not_yet() -> bool:
+    return False
 
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+
+READY_PATHS = ("/readyz", "/healthz")
+
+
+class MetricsServer:
+    """HTTP/1.0, GET only, on the worker's loop: /metrics, /livez, /readyz and /healthz. `ready`
+    answers readiness; it can be set once the worker exists (until then: not ready)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool] = _not_yet) -> None:
         self._metrics = metrics
-        self._healthy = healthy
+        self.ready = ready
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -121,9 +131,11 @@ class MetricsServer:
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
             if path == "/metrics":
                 status, body, ctype = 200, self._metrics.render(), "text/plain; version=0.0.4"
-            elif path == "/healthz":
-                ok = self._healthy()
-                status, body, ctype = (200 if ok else 503), (b"ok\n" if ok else b"unhealthy\n"), \
+            elif path == "/livez":
+                status, body, ctype = 200, b"live\n", "text/plain"
+            elif path in READY_PATHS:
+                ok = self.ready()
+                status, body, ctype = (200 if ok else 503), (b"ready\n" if ok else b"not ready\n"), \
                     "text/plain"
             else:
                 status, body, ctype = 404, b"not found\n", "text/plain"
@@ -137,10 +149,10 @@ class MetricsServer:
             writer.close()
 
 
-def probe(port: int = 9090, host: str = "127.0.0.1", timeout: float = 3.0) -> bool:
-    """True when the worker at host:port answers /healthz with 200."""
+def probe(port: int = 9090, host: str = "127.0.0.1", timeout: float = 3.0, path: str = "/readyz") -> bool:
+    """True when the worker at host:port answers `path` (/readyz, /livez) with 200."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as resp:
             return resp.status == 200
     except (OSError, ValueError):
         return False

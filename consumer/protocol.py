@@ -5,6 +5,9 @@ transformers nor aio-pika: it turns bytes + AMQP properties into a validated `Jo
 replies (`GenerationResult`, `TokenReply`, `ErrorReply`) into maps and back. Every bad input raises
 `ProtocolError`; nothing else escapes `decode_job`. It checks the wire's JSON types and size limits;
 the sampling values themselves are checked by the engine's `SamplingParams`, in one place.
+
+Two dialects share the format: a body with `"v": 1` is loraq's v1, a body without `v` is a LoRAX
+`/generate` body and keeps LoRAX's defaults and sampling rule (docs/lorax.md lists the fields).
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from engine.request import ErrorType, SamplingParams, Timings
+from engine.request import (
+    ErrorType,
+    MergedAdapters,
+    ResponseFormat,
+    SamplingParams,
+    ScoredToken,
+    Timings,
+    TokenEvent,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -39,6 +50,7 @@ HEADER_ERROR = "x-loraq-error"  # on dead-lettered jobs: the human readable reas
 HEADER_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redeliveries
 HEADER_ADAPTER_ID = "x-adapter-id"  # the job's adapter id: what adapter affinity hashes on
 HEADER_DEATHS = "x-death"  # set by RabbitMQ on dead-lettered messages
+HEADER_RETRIES = "x-loraq-retries"  # on a job back from the retry queue: its failed attempts so far
 
 # error_type values: the engine's ErrorType (engine.request imports no torch, like this module)
 VALIDATION = ErrorType.VALIDATION.value
@@ -53,6 +65,9 @@ ERROR_TYPES = tuple(e.value for e in ErrorType)
 ROLES = ("system", "user", "assistant")
 ADAPTER_SOURCES = ("local", "hub")
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
+MAX_MERGED_ADAPTERS = 16  # adapters one merged_adapters may name: each is read from source to build it
+MAX_BEST_OF = 4  # sequences one job may ask for: each costs a whole generation
+MAX_K_ALTERNATIVES = 100  # return_k_alternatives: each is decoded once per generated token
 
 
 class ProtocolError(Exception):
@@ -77,6 +92,7 @@ class Topology:
     dlx: str = "loraq.dlx"  # fanout
     dead_queue: str = "loraq.dead"
     results_exchange: str = "loraq.results"  # topic: results of jobs without reply_to
+    retry_queue: str = "loraq.retry"  # quorum: failed jobs wait out their backoff here, then go back
     # adapter affinity only (workers started with --affinity): x-consistent-hash on x-adapter-id,
     # and the fanout that leads back to the jobs queue (its alternate exchange and the workers' DLX)
     affinity_exchange: str = "loraq.affinity"
@@ -127,14 +143,21 @@ class Limits:
         return cls(**{f.name: big for f in fields(cls)})
 
 
-# the sampling parameters of a job: wire name -> its JSON type (values are SamplingParams' to check)
-SAMPLING_TYPES: dict[str, type | tuple[type, ...]] = {
-    "max_new_tokens": int, "do_sample": bool, "temperature": (int, float), "top_k": int,
-    "top_p": (int, float), "typical_p": (int, float), "repetition_penalty": (int, float),
-    "stop": list, "seed": int,
+# the sampling parameters of a job: wire name -> (SamplingParams field, JSON type); their values
+# are SamplingParams' to check
+_NUMBER = (int, float)
+SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "max_new_tokens": ("max_new_tokens", int), "do_sample": ("do_sample", bool),
+    "temperature": ("temperature", _NUMBER), "top_k": ("top_k", int), "top_p": ("top_p", _NUMBER),
+    "typical_p": ("typical_p", _NUMBER), "repetition_penalty": ("repetition_penalty", _NUMBER),
+    "frequency_penalty": ("frequency_penalty", _NUMBER), "presence_penalty": ("presence_penalty", _NUMBER),
+    "stop": ("stop", list), "seed": ("seed", int), "best_of": ("best_of", int),
+    "details": ("logprobs", bool), "decoder_input_details": ("prompt_logprobs", bool),
+    "return_k_alternatives": ("return_k_alternatives", int), "ignore_eos_token": ("ignore_eos", bool),
 }
-PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", *SAMPLING_TYPES, "return_full_text",
-                   "details")
+_WIRE_NAMES = {attr: name for name, (attr, _) in SAMPLING_FIELDS.items()}
+PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", "merged_adapters", *SAMPLING_FIELDS, "return_full_text",
+                   "truncate", "watermark", "apply_chat_template", "response_format")
 
 
 @dataclass(frozen=True)
@@ -147,10 +170,17 @@ class Parameters:
     adapter_source: str | None = None  # None: the worker's default
     api_token: str | None = field(default=None, repr=False)  # never logged
     return_full_text: bool = False
+    truncate: int | None = None  # keep the last `truncate` prompt tokens
+    merged_adapters: MergedAdapters | None = None  # LoRAX's: a merge of adapters instead of adapter_id
+    response_format: ResponseFormat | None = None  # None: the text is unconstrained
 
     @property
     def details(self) -> bool:
         return self.sampling.logprobs
+
+    @property
+    def decoder_input_details(self) -> bool:
+        return self.sampling.prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -233,8 +263,98 @@ def _check_text(value: str, what: str) -> None:
         raise _fail(f"{what} is not valid unicode") from None
 
 
-def parse_parameters(raw: Any, limits: Limits) -> Parameters:
-    """Wire types and size limits are checked here, sampling values by SamplingParams."""
+def parse_merged_adapters(raw: Any, limits: Limits) -> MergedAdapters | None:
+    """LoRAX's `merged_adapters` (router AdapterParameters): `ids`, `weights` (default [], so they
+    must be given, one per id), `merge_strategy` (default linear), `density` (default 0.0),
+    `majority_sign_method` (default total); the two names in any case, as LoRAX's router reads them.
+    Values are MergedAdapters' to check."""
+    if raw is None:
+        return None
+    what = "parameters.merged_adapters"
+    if not isinstance(raw, dict):
+        raise _fail(f"{what} must be a map, got {type(raw).__name__}")
+    ids, weights = raw.get("ids"), raw.get("weights", [])
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise _fail(f"{what}.ids must be a list of adapter ids")
+    if len(ids) > MAX_MERGED_ADAPTERS:
+        raise _fail(f"{what}.ids has more than {MAX_MERGED_ADAPTERS} adapters")
+    for i, adapter_id in enumerate(ids):
+        if len(adapter_id) > limits.max_adapter_id_length:
+            raise _fail(f"{what}.ids[{i}] longer than {limits.max_adapter_id_length}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in adapter_id):
+            raise _fail(f"{what}.ids[{i}] contains control characters")
+        _check_text(adapter_id, f"{what}.ids[{i}]")
+    if not isinstance(weights, list) or any(isinstance(w, bool) or not isinstance(w, int | float) for w in weights):
+        raise _fail(f"{what}.weights must be a list of numbers")
+    given: dict[str, Any] = {}
+    for name in ("merge_strategy", "majority_sign_method"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _fail(f"{what}.{name} must be a string")
+        if value is not None:
+            given[name] = value.lower()
+    density = raw.get("density", 0.0)
+    if isinstance(density, bool) or not isinstance(density, int | float):
+        raise _fail(f"{what}.density must be a number")
+    try:
+        return MergedAdapters(ids=tuple(ids), weights=tuple(float(w) for w in weights), density=float(density),
+                              **given)
+    except ValueError as e:  # the message starts with merged_adapters.<field>
+        raise _fail(f"parameters.{e}") from None
+
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex")
+# LoRAX's schema for a json_object without one (router/src/lib.rs, default_json_schema): any object
+DEFAULT_JSON_SCHEMA = {
+    "additionalProperties": {"type": ["object", "string", "integer", "number", "boolean", "null"]},
+    "title": "ArbitraryJsonModel", "type": "object",
+}
+
+
+def parse_response_format(raw: Any) -> ResponseFormat | None:
+    """LoRAX's `response_format` (docs/protocol.md): {"type": "json_object", "schema": {...}} makes
+    the text JSON valid against the schema (LoRAX's any-object schema when none is given);
+    "json_schema" also reads OpenAI's shape, {"json_schema": {"name": ..., "schema": {...}}}; "text"
+    leaves the text free; loraq adds {"type": "regex", "pattern": "..."}, matched in full. Only the
+    JSON types are checked here: whether a schema can be enforced is the engine's to say."""
+    if raw is None:
+        return None
+    what = "parameters.response_format"
+    if not isinstance(raw, dict):
+        raise _fail(f"{what} must be a map, got {type(raw).__name__}")
+    kind = raw.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise _fail(f"{what}.type must be one of {RESPONSE_FORMAT_TYPES}")
+    if kind == "regex":
+        pattern = raw.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise _fail(f"{what}.pattern must be a non-empty string (a regex)")
+        _check_text(pattern, f"{what}.pattern")
+        return ResponseFormat("regex", pattern)
+    schema = raw.get("schema")
+    openai = raw.get("json_schema")
+    if kind == "json_schema" and openai is not None:
+        if not isinstance(openai, dict):
+            raise _fail(f"{what}.json_schema must be a map, got {type(openai).__name__}")
+        schema = openai.get("schema", schema)
+    if kind == "text":
+        if schema is not None:
+            raise _fail(f"{what}: type text takes no schema (use json_object)")
+        return None
+    if schema is None:
+        schema = DEFAULT_JSON_SCHEMA
+    if not isinstance(schema, dict):
+        raise _fail(f"{what}.schema must be a map (a JSON schema), got {type(schema).__name__}")
+    try:
+        return ResponseFormat.json_schema(schema)
+    except (TypeError, ValueError, RecursionError) as e:  # bytes or NaN from msgpack, or too deep
+        raise _fail(f"{what}.schema is not JSON: {e}") from None
+
+
+def parse_parameters(raw: Any, limits: Limits, *, lorax: bool = False) -> Parameters:
+    """Wire types and size limits are checked here, sampling values by SamplingParams. `lorax`: the
+    body had no `v`, so LoRAX's sampling rule and its max_new_tokens default (as many as the
+    context allows: the worker's limit, and the engine stops at the context's end) apply."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -251,16 +371,34 @@ def parse_parameters(raw: Any, limits: Limits) -> Parameters:
     if adapter_source is not None and adapter_source not in ADAPTER_SOURCES:
         raise _fail(f"parameters.adapter_source must be one of {ADAPTER_SOURCES}")
     api_token = _opt(raw, "api_token", str) or None
+    merged_adapters = parse_merged_adapters(raw.get("merged_adapters"), limits)
+    if merged_adapters is not None and adapter_id is not None:  # LoRAX's AdapterIdConflict
+        raise _fail("parameters.merged_adapters: at most one of adapter_id or merged_adapters may be given")
+
+    if _opt(raw, "watermark", bool, False):
+        raise _fail("parameters.watermark is not supported by loraq (no watermarking logits processor)")
+    truncate = _opt(raw, "truncate", int)
+    if truncate is not None and truncate < 1:
+        raise _fail("parameters.truncate must be >= 1")
 
     given: dict[str, Any] = {}
-    for name, kind in SAMPLING_TYPES.items():
+    for name, (attr, kind) in SAMPLING_FIELDS.items():
         value = _opt(raw, name, kind)
         if value is not None:
-            given[name] = float(value) if kind == (int, float) else tuple(value) if kind is list else value
+            given[attr] = float(value) if kind == _NUMBER else tuple(value) if kind is list else value
+    if given.get("prompt_logprobs"):  # LoRAX answers decoder_input_details with the full details
+        given["logprobs"] = True
+    if lorax:
+        given.setdefault("max_new_tokens", limits.max_new_tokens)
     try:
-        sampling = SamplingParams(**given, logprobs=_opt(raw, "details", bool, False))
+        sampling = SamplingParams.lorax(**given) if lorax else SamplingParams(**given)
     except ValueError as e:  # the message starts with the field's name
-        raise _fail(f"parameters.{e}") from None
+        attr, _, rest = str(e).partition(" ")
+        raise _fail(f"parameters.{_WIRE_NAMES.get(attr, attr)} {rest}") from None
+    if sampling.best_of > MAX_BEST_OF:
+        raise _fail(f"parameters.best_of must be in 1..{MAX_BEST_OF}")
+    if sampling.return_k_alternatives > MAX_K_ALTERNATIVES:
+        raise _fail(f"parameters.return_k_alternatives must be in 0..{MAX_K_ALTERNATIVES}")
 
     if sampling.max_new_tokens > limits.max_new_tokens:
         raise _fail(f"parameters.max_new_tokens must be in 1..{limits.max_new_tokens}")
@@ -273,7 +411,9 @@ def parse_parameters(raw: Any, limits: Limits) -> Parameters:
 
     return Parameters(sampling=sampling, adapter_id=adapter_id, adapter_source=adapter_source,
                       api_token=api_token,
-                      return_full_text=_opt(raw, "return_full_text", bool, False))
+                      return_full_text=_opt(raw, "return_full_text", bool, False), truncate=truncate,
+                      merged_adapters=merged_adapters,
+                      response_format=parse_response_format(raw.get("response_format")))
 
 
 def parse_messages(raw: Any, limits: Limits) -> tuple[dict[str, str], ...]:
@@ -357,19 +497,22 @@ def job_id_of(message_id: str | None, correlation_id: str | None, body: bytes,
 
 def parse_body(body: Any, limits: Limits) -> tuple[str | None, tuple | None, Parameters, bool]:
     """Validate a decoded job map: (inputs, messages, parameters, stream). Unknown keys are ignored
-    (the protocol grows by optional fields)."""
+    (the protocol grows by optional fields). Without `v` the body is LoRAX's (module docstring)."""
     if not isinstance(body, dict):
         raise _fail(f"job body must be a map, got {type(body).__name__}")
-    v = body.get("v", PROTOCOL_VERSION)
-    if isinstance(v, bool) or not isinstance(v, int):
+    v = body.get("v")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
         raise _fail("v must be an integer")
-    if v != PROTOCOL_VERSION:
+    if v is not None and v != PROTOCOL_VERSION:
         raise _fail(f"unsupported protocol version {v}; this worker speaks v{PROTOCOL_VERSION}")
+    params = parse_parameters(body.get("parameters"), limits, lorax=v is None)
 
     inputs, messages = body.get("inputs"), body.get("messages")
     if (inputs is None) == (messages is None):
         raise _fail("exactly one of inputs / messages must be given")
-    if inputs is not None:
+    if _opt(body.get("parameters") or {}, "apply_chat_template", bool, False):
+        inputs, messages = None, _chat_inputs(inputs, limits)
+    elif inputs is not None:
         if not isinstance(inputs, str):
             raise _fail(f"inputs must be a string, got {type(inputs).__name__}")
         if not inputs:
@@ -380,15 +523,28 @@ def parse_body(body: Any, limits: Limits) -> tuple[str | None, tuple | None, Par
     else:
         messages = parse_messages(messages, limits)
 
-    params = parse_parameters(body.get("parameters"), limits)
     if params.return_full_text and messages is not None:
-        raise _fail("parameters.return_full_text needs inputs (not messages)")
+        raise _fail("parameters.return_full_text needs inputs (not messages or apply_chat_template)")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise _fail("stream must be a boolean")
+    if stream and params.sampling.best_of > 1:
+        raise _fail("parameters.best_of > 1 is not supported with stream: true")
     return inputs, messages, params, stream
+
+
+def _chat_inputs(inputs: Any, limits: Limits) -> tuple[dict[str, str], ...]:
+    """`apply_chat_template: true`: `inputs` is a chat as a JSON string, a list of messages (what
+    the field meant when LoRAX added it; the model's chat template then renders it)."""
+    if not isinstance(inputs, str):
+        raise _fail("parameters.apply_chat_template needs inputs: a JSON list of messages, as a string")
+    try:
+        messages = json.loads(inputs)
+    except (ValueError, RecursionError):
+        raise _fail("parameters.apply_chat_template: inputs is not JSON (a list of messages)") from None
+    return parse_messages(messages, limits)
 
 
 def decode_job(body: bytes, content_type: str | None, headers: dict | None, message_id: str | None,
@@ -452,23 +608,47 @@ def _malformed(kind: str, e: Exception) -> ProtocolError:
     return _fail(f"malformed {kind} reply: {type(e).__name__}: {e}")
 
 
+def _scored_to_wire(t: ScoredToken) -> dict[str, Any]:
+    """A prompt token (`details.prefill`) or an alternative token: LoRAX's InputToken map."""
+    return {"id": t.token_id, "text": t.text, "logprob": t.logprob}
+
+
+def _scored_from_wire(t: dict[str, Any]) -> ScoredToken:
+    return ScoredToken(token_id=t["id"], text=t["text"], logprob=t.get("logprob"))
+
+
 @dataclass(frozen=True)
 class Token:
     """One generated token: streamed in a `token` reply, or listed in a result's details (with
-    `details: true`). `index` counts from 0."""
+    `details: true`). `index` counts from 0. LoRAX's Token: `skipped` (speculative decoding) is
+    always false here."""
 
     index: int
     id: int
     text: str
     logprob: float | None = None
+    special: bool = False
+    alternative_tokens: tuple[ScoredToken, ...] | None = None  # with return_k_alternatives
+
+    @classmethod
+    def of(cls, event: TokenEvent) -> Token:
+        return cls(event.index, event.token_id, event.text, event.logprob, event.special, event.alternatives)
 
     def to_wire(self) -> dict[str, Any]:
         """The token map (its index is the reply's, or its place in the list)."""
-        return {"id": self.id, "text": self.text, "logprob": self.logprob}
+        out = {"id": self.id, "text": self.text, "logprob": self.logprob, "special": self.special,
+               "skipped": False}
+        if self.alternative_tokens is not None:
+            out["alternative_tokens"] = [_scored_to_wire(a) for a in self.alternative_tokens]
+        return out
 
     @classmethod
     def from_wire(cls, index: int, token: dict[str, Any]) -> Token:
-        return cls(index=index, id=token["id"], text=token["text"], logprob=token.get("logprob"))
+        alternatives = token.get("alternative_tokens")
+        return cls(index=index, id=token["id"], text=token["text"], logprob=token.get("logprob"),
+                   special=bool(token.get("special", False)),
+                   alternative_tokens=None if alternatives is None else
+                   tuple(_scored_from_wire(a) for a in alternatives))
 
 
 @dataclass(frozen=True)
@@ -491,12 +671,43 @@ class TokenReply:
 
 
 @dataclass(frozen=True)
+class BestOfSequence:
+    """One of the other sequences of a `best_of` job (LoRAX's BestOfSequence)."""
+
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    prefill: tuple[ScoredToken, ...] = ()
+    tokens: tuple[Token, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"generated_text": self.generated_text, "finish_reason": self.finish_reason,
+                "generated_tokens": self.generated_tokens, "seed": self.seed,
+                "prefill": [_scored_to_wire(t) for t in self.prefill],
+                "tokens": [t.to_wire() for t in self.tokens]}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> BestOfSequence:
+        return cls(generated_text=d["generated_text"], finish_reason=d["finish_reason"],
+                   generated_tokens=d["generated_tokens"], seed=d.get("seed"),
+                   prefill=tuple(_scored_from_wire(t) for t in d.get("prefill") or ()),
+                   tokens=tuple(Token.from_wire(i, t) for i, t in enumerate(d.get("tokens") or ())))
+
+
+@dataclass(frozen=True)
 class Details:
+    """A result's details, LoRAX's Details plus what v1 always had. `tokens` is empty unless the job
+    asked for `details` (or `decoder_input_details`), `prefill` unless it asked for
+    `decoder_input_details`; `skipped_tokens` is always 0 (no speculative decoding)."""
+
     finish_reason: str  # one of FINISH_REASONS
     prompt_tokens: int
     generated_tokens: int
     seed: int | None = None
-    tokens: tuple[Token, ...] | None = None  # only when the job asked for details
+    tokens: tuple[Token, ...] = ()
+    prefill: tuple[ScoredToken, ...] = ()
+    best_of_sequences: tuple[BestOfSequence, ...] | None = None  # only with best_of > 1
 
 
 @dataclass(frozen=True)
@@ -514,9 +725,11 @@ class GenerationResult:
     def to_wire(self) -> dict[str, Any]:
         d = self.details
         details: dict[str, Any] = {"finish_reason": d.finish_reason, "prompt_tokens": d.prompt_tokens,
-                                   "generated_tokens": d.generated_tokens, "seed": d.seed}
-        if d.tokens is not None:
-            details["tokens"] = [t.to_wire() for t in d.tokens]
+                                   "generated_tokens": d.generated_tokens, "seed": d.seed,
+                                   "skipped_tokens": 0, "prefill": [_scored_to_wire(t) for t in d.prefill],
+                                   "tokens": [t.to_wire() for t in d.tokens]}
+        if d.best_of_sequences is not None:
+            details["best_of_sequences"] = [b.to_wire() for b in d.best_of_sequences]
         t = self.timings
         return {"v": PROTOCOL_VERSION, "id": self.id, "generated_text": self.generated_text,
                 "details": details, "adapter_id": self.adapter_id,
@@ -527,13 +740,15 @@ class GenerationResult:
     def from_wire(cls, body: dict[str, Any]) -> GenerationResult:
         try:
             d, t = body["details"], body.get("timings") or {}
-            tokens = d.get("tokens")
+            best_of = d.get("best_of_sequences")
             return cls(
                 id=body["id"], generated_text=body["generated_text"],
                 details=Details(finish_reason=d["finish_reason"], prompt_tokens=d["prompt_tokens"],
                                 generated_tokens=d["generated_tokens"], seed=d.get("seed"),
-                                tokens=None if tokens is None else
-                                tuple(Token.from_wire(i, tok) for i, tok in enumerate(tokens))),
+                                tokens=tuple(Token.from_wire(i, tok) for i, tok in enumerate(d.get("tokens") or ())),
+                                prefill=tuple(_scored_from_wire(tok) for tok in d.get("prefill") or ()),
+                                best_of_sequences=None if best_of is None else
+                                tuple(BestOfSequence.from_wire(b) for b in best_of)),
                 timings=Timings(**{k: float(t.get(k, 0.0)) for k in
                                    ("queue_ms", "adapter_load_ms", "ttft_ms", "total_ms")}),
                 adapter_id=body.get("adapter_id"))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumer.logging import redact_url
 from consumer.protocol import Limits, Topology
+from consumer.settlement import Backoff
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -44,6 +45,7 @@ class EngineSettings:
     default_adapter_source: str = "local"
     hub_enabled: bool = False
     hub_allow_orgs: tuple[str, ...] = ()
+    hub_worker_credentials: bool = False
     allow_pickle: bool = False
     max_lora_rank: int = 64
     adapter_slots: int = 32
@@ -63,7 +65,10 @@ class WorkerSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     limits: Limits = field(default_factory=Limits)
     result_cache_size: int = 10_000
+    retry_delay_s: float = 1.0
+    retry_max_delay_s: float = 30.0
     shutdown_grace_s: float = 30.0
+    engine_stall_s: float = 30.0
     metrics_port: int = 9090
     metrics_host: str = "0.0.0.0"
     log_level: str = "info"
@@ -76,6 +81,9 @@ class WorkerSettings:
             raise ValueError("prefetch must be >= max_batch (a batch needs that many jobs in hand)")
         if self.batch_window_ms < 0 or self.shutdown_grace_s < 0:
             raise ValueError("batch_window_ms and shutdown_grace_s must be >= 0")
+        if self.engine_stall_s <= 0:
+            raise ValueError("engine_stall_s must be > 0")
+        Backoff(self.retry_delay_s, self.retry_max_delay_s)  # raises on bad retry delays
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be in 0..65535")
 
@@ -92,8 +100,12 @@ class WorkerSettings:
             max_new_tokens_limit=lim.max_new_tokens, max_stop_sequences=lim.max_stop_sequences,
             max_stop_length=lim.max_stop_length)
 
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.retry_delay_s, self.retry_max_delay_s)
+
     def redacted_url(self) -> str:
-        """amqp_url without its password, for logs."""
+        """amqp_url (one or several comma-separated) without passwords, for logs."""
         return redact_url(self.amqp_url)
 
     @classmethod
@@ -148,20 +160,22 @@ GROUPS: dict[str, type[Topology] | type[Limits] | type[EngineSettings]] = {
 # flag -> help, in --help order. Each names a field of WorkerSettings or of one of its GROUPS.
 HELP = {
     # broker
-    "amqp_url": "AMQP URL; query options such as ?heartbeat=30&reconnect_interval=2 (seconds) tune "
-                "the connection",
+    "amqp_url": "AMQP URL, or the comma-separated URLs of a cluster's nodes (tried in turn on every "
+                "reconnect); query options of the first such as ?heartbeat=30&reconnect_interval=2 "
+                "(seconds) tune the connection",
     "exchange": "jobs exchange (direct)",
     "queue": "jobs queue (quorum)",
     "routing_key": "routing key binding the jobs queue",
     "dlx": "dead-letter exchange (fanout)",
-    "dead_queue": "dead-letter queue",
+    "dead_queue": "dead-letter queue (bound it with a broker policy: README, Reliability)",
     "results_exchange": "topic exchange for results of jobs without reply_to",
+    "retry_queue": "quorum queue where failed jobs wait out their retry delay",
     "affinity": "adapter affinity: jobs with header x-adapter-id prefer the worker that already ran "
                 "that adapter (needs the RabbitMQ plugin rabbitmq_consistent_hash_exchange; on every "
                 "worker or none)",
     "affinity_exchange": "with --affinity: consistent-hash exchange over the workers",
     "affinity_fallback": "with --affinity: fanout back to the jobs queue",
-    "delivery_limit": "deliveries of a failing job before it is dead-lettered",
+    "delivery_limit": "retries of a failing job before it is dead-lettered (it runs this + 1 times)",
     "prefetch": "unacked jobs held by this worker (>= max-batch): the intake bound",
     # batching
     "max_batch": "running rows per engine step; also the largest collected group",
@@ -177,12 +191,15 @@ HELP = {
     "max_model_len": "context length (default: the model's, capped at 8192)",
     "kv_cache_mb": "fixed KV cache budget in MiB",
     "max_waiting": "engine queue bound; beyond it jobs get `overloaded`",
-    "lora_backend": "auto | torch | triton: batched LoRA op (auto: Triton SGMV kernels on CUDA when triton is installed, else torch)",
+    "lora_backend": "auto | torch | triton: batched LoRA op (auto: Triton SGMV kernels on CUDA when triton "
+                    "is installed, else torch)",
     # adapters
     "adapter_root": "directory of local adapters (ids are paths under it)",
     "default_adapter_source": "local | hub, for jobs that do not say",
     "hub_enabled": "allow adapters from the Hugging Face hub",
     "hub_allow_orgs": "comma-separated hub orgs allowed (empty: any)",
+    "hub_worker_credentials": "hub jobs without api_token use the worker's own hub login (HF_TOKEN); "
+                              "off: they get public adapters only",
     "allow_pickle": "allow adapter_model.bin (loaded with weights_only=True)",
     "max_lora_rank": "largest adapter rank accepted",
     "adapter_slots": "adapters resident on the device at once",
@@ -197,8 +214,12 @@ HELP = {
     "max_stop_length": "longest stop sequence (chars)",
     # reliability and operations
     "result_cache_size": "finished jobs remembered to answer redeliveries",
-    "shutdown_grace_s": "on SIGTERM: time to finish in-flight jobs",
-    "metrics_port": "Prometheus /metrics and /healthz port (0: off)",
+    "retry_delay_s": "delay before the first retry of a failed job; each next one doubles",
+    "retry_max_delay_s": "longest delay between retries",
+    "shutdown_grace_s": "on SIGTERM: the process exits within this (in-flight jobs finish or go back "
+                        "to the queue, the engine stops)",
+    "engine_stall_s": "readiness: the engine's step loop went round within this many seconds",
+    "metrics_port": "Prometheus /metrics, /livez, /readyz (= /healthz) port (0: off)",
     "metrics_host": "address the metrics server binds",
     "log_level": "debug | info | warning | error",
 }

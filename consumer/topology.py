@@ -3,6 +3,19 @@
 Without affinity: jobs exchange (direct) ──generate──▶ jobs queue (quorum, x-delivery-limit,
 dead-letters to the DLX) ; DLX (fanout) ──▶ dead-letter queue ; results exchange (topic).
 
+A broker cluster: what a worker declares on its robust channel is declared again on whichever node
+it reconnects to, so all of it is replicated or node-independent (exchanges, quorum queues). The
+dead-letter queue is created as a quorum queue too, but declared once at start on a channel of its
+own: a dead-letter queue made by an older loraq is classic, lives on one node, and cannot be
+redeclared while that node is down (nor turned into a quorum queue: PRECONDITION_FAILED), so it is
+used as it is. Bound it with a broker policy (README), never with arguments here.
+
+Retries (consumer.settlement): retry queue (quorum, no consumer) ── a copy expires after its own
+per-message TTL (the backoff) ── dead-lettered, at least once, to the jobs exchange with the jobs
+routing key ──▶ the jobs queue (or, with affinity, the worker that holds its adapter). RabbitMQ
+expires messages at the head of a queue only, so a copy waits at least its own delay and at most
+the longest delay queued ahead of it.
+
 Adapter affinity (`--affinity`, off by default; every worker of a topology on or every one off):
 
     jobs exchange ──generate──▶ affinity exchange (x-consistent-hash on header x-adapter-id)
@@ -42,7 +55,8 @@ from dataclasses import dataclass
 
 import aio_pika
 import aiormq.exceptions
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from consumer.protocol import HEADER_ADAPTER_ID, Topology
 
@@ -65,19 +79,26 @@ class Declared:
     results: AbstractExchange
 
 
-async def declare(channel: AbstractRobustChannel, topology: Topology, *, affinity: bool,
-                  worker_id: str) -> Declared:
-    """Declare (idempotently) every object of `topology`; with `affinity`, also this worker's own
-    queue, named after `worker_id`. Raises AffinityUnavailable without the broker plugin."""
+async def declare(connection: AbstractRobustConnection, channel: AbstractRobustChannel,
+                  topology: Topology, *, affinity: bool, worker_id: str) -> Declared:
+    """Declare (idempotently) every object of `topology` on `channel` (the dead-letter queue on a
+    channel of its own); with `affinity`, also this worker's own queue, named after `worker_id`.
+    Raises AffinityUnavailable without the broker plugin."""
     t = topology
     dlx = await channel.declare_exchange(t.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
-    dead = await channel.declare_queue(t.dead_queue, durable=True)
-    await dead.bind(dlx, routing_key="")
+    await _declare_dead_queue(connection, t)
     jobs = await channel.declare_exchange(t.exchange, aio_pika.ExchangeType.DIRECT, durable=True)
     queue = await channel.declare_queue(t.queue, durable=True, arguments={
         "x-queue-type": "quorum",
         "x-delivery-limit": t.delivery_limit,
         "x-dead-letter-exchange": t.dlx,
+    })
+    await channel.declare_queue(t.retry_queue, durable=True, arguments={
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": t.exchange,
+        "x-dead-letter-routing-key": t.routing_key,
+        "x-dead-letter-strategy": "at-least-once",  # a broker crash mid-hop loses no retry
+        "x-overflow": "reject-publish",  # required by at-least-once dead-lettering
     })
     own = None
     if affinity:
@@ -87,6 +108,24 @@ async def declare(channel: AbstractRobustChannel, topology: Topology, *, affinit
     results = await channel.declare_exchange(t.results_exchange, aio_pika.ExchangeType.TOPIC,
                                              durable=True)
     return Declared(jobs_queue=queue, own_queue=own, dlx=dlx, results=results)
+
+
+async def _declare_dead_queue(connection: AbstractRobustConnection, t: Topology) -> None:
+    """The dead-letter queue, bound to the DLX: an existing one as it is, else a new quorum queue.
+    Its channel is closed after, so a reconnect never redeclares it (see the module docstring)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        try:
+            dead = await channel.declare_queue(t.dead_queue, passive=True)
+        except ChannelNotFoundEntity:  # closes the channel: create it on a new one
+            await channel.close()
+            channel = await connection.channel(publisher_confirms=False)
+            dead = await channel.declare_queue(t.dead_queue, durable=True,
+                                               arguments={"x-queue-type": "quorum"})
+        await dead.bind(t.dlx, routing_key="")
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def _declare_affinity(channel: AbstractRobustChannel, t: Topology, jobs: AbstractExchange,

@@ -7,12 +7,16 @@ One delivery's life:
     past its deadline ──▶ deadline_exceeded (dead-lettered), ack      (the model never sees it)
     else: prefetch its adapter, collect a few ms, submit the group ──▶ engine thread
           on_token / on_finish hop back with call_soon_threadsafe ──▶ replies in order, confirmed
-          then settled as consumer.settlement decides: ack, retry, or dead-letter with the reason
+          then settled as consumer.settlement decides: ack, retry later (a delayed copy through
+          the retry queue), return, or dead-letter with the reason
+    draining (SIGTERM) ──▶ not taken: returned with nack (uncounted from RabbitMQ 4.3)
 
 The event loop never blocks on the engine, so AMQP heartbeats and intake go on during long steps.
 An ack or nack on a channel that died is skipped: the broker redelivers that job, and the result
 cache (or a recompute elsewhere) answers it. The AMQP objects are declared by consumer.topology,
 replies and settlements sent by consumer.publisher; the process entry points are consumer.service.
+A job's api_token stays in this process: error texts are scrubbed of it before they are logged,
+cached, replied or dead-lettered, and the dead-letter copy of the job is re-encoded without it.
 """
 
 from __future__ import annotations
@@ -27,19 +31,19 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
 
-import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
 
 from consumer import protocol
 from consumer.collector import Collector
+from consumer.connection import FailoverConnection, connect
 from consumer.jobs import Delivery, InflightJob, to_request, to_result
 from consumer.metrics import Metrics, MetricsServer
 from consumer.protocol import ErrorReply, FinalReply, ProtocolError, Token, TokenReply
 from consumer.publisher import DEAD_CHANNEL, Address, Publisher
 from consumer.result_cache import ResultCache
 from consumer.settings import WorkerSettings
-from consumer.settlement import Action, Failure, decide
+from consumer.settlement import Action, Decision, Failure, decide
 from consumer.topology import declare
 from engine.lease import Lease
 from engine.request import (
@@ -57,6 +61,8 @@ from engine.request import (
 
 log = structlog.get_logger(__name__)
 
+CLOSE_TIMEOUT_S = 2.0  # closing the AMQP connection at the end of a drain
+
 
 class EngineLike(Protocol):
     """What the worker needs of `engine.Engine` (tests pass a fake)."""
@@ -73,19 +79,39 @@ def _expiration_ms(message: AbstractIncomingMessage) -> float | None:
     return expiration * 1000.0 if isinstance(expiration, (int, float)) else None
 
 
-def _failure(err: EngineError) -> Failure:
-    return Failure(err.type.value, err.message, err.retryable)
+def _failure(err: EngineError, secret: str | None) -> Failure:
+    return Failure(err.type.value, _scrub(err.message, secret), err.retryable)
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    """`text` with `secret` (a job's api_token) masked: an error from a hub client may quote it."""
+    return text.replace(secret, "***") if secret else text
+
+
+def _without_retry_deaths(headers: dict | None, retry_queue: str) -> dict | None:
+    """A job back from the retry queue carries that queue's death record, whose
+    `original-expiration` is the retry delay, not the job's TTL (the copy keeps its deadline as
+    x-deadline-ms): drop it before the deadline is read."""
+    deaths = (headers or {}).get(protocol.HEADER_DEATHS)
+    if not isinstance(deaths, list):
+        return headers
+    queue_names = {retry_queue, retry_queue.encode()}
+    kept = [d for d in deaths if not (isinstance(d, dict) and d.get("queue") in queue_names)]
+    return {**(headers or {}), protocol.HEADER_DEATHS: kept}
 
 
 class Worker:
     """Consume jobs from `settings`' topology and run them on `engine` until `stop()`."""
 
-    def __init__(self, settings: WorkerSettings, engine: EngineLike) -> None:
+    def __init__(self, settings: WorkerSettings, engine: EngineLike, *, metrics: Metrics | None = None,
+                 server: MetricsServer | None = None) -> None:
+        """`metrics` and `server`: given when the metrics server was started before the engine
+        was built (consumer.service); else start() serves them itself on --metrics-port."""
         self.settings = settings
         self.engine = engine
         self.topology = settings.topology
         self.limits = settings.limits
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.metrics.watch_engine(engine.stats)
         self.cache = ResultCache(settings.result_cache_size)
         self.metrics_port: int | None = None  # the bound port once started
@@ -98,10 +124,11 @@ class Worker:
         self._batch_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._publisher: Publisher | None = None
         self._consumers: list[tuple[AbstractRobustQueue, str]] = []
-        self._server: MetricsServer | None = None
+        self._server = server
+        self._owns_server = server is None
         self._stop = asyncio.Event()
         self._closed = False
 
@@ -117,9 +144,11 @@ class Worker:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.settings.metrics_port and self._server is None:
+        if self._server is not None:
+            self._server.ready = self.ready
+        elif self.settings.metrics_port:
             await self.start_metrics()
-        self._connection = connection = await aio_pika.connect_robust(
+        self._connection = connection = await connect(
             self.settings.amqp_url,
             client_properties={"connection_name": f"loraq-worker@{socket.gethostname()}:{os.getpid()}"})
         try:
@@ -127,7 +156,7 @@ class Worker:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # per consumer: the shared queue and (with affinity) the own queue, each this many
             await channel.set_qos(prefetch_count=self.settings.prefetch)
-            declared = await declare(channel, self.topology, affinity=self.settings.affinity,
+            declared = await declare(connection, channel, self.topology, affinity=self.settings.affinity,
                                      worker_id=self.worker_id)
             self._publisher = Publisher(channel, self.topology, declared.dlx, declared.results)
             routes = [(declared.jobs_queue, "shared")]
@@ -138,15 +167,14 @@ class Worker:
         except BaseException:  # no robust reconnect loop behind a failed start
             await connection.close()
             raise
-        log.info("worker_started", amqp_url=self.settings.redacted_url(), queue=self.topology.queue,
+        log.info("worker_started", amqp_url=connection.current_url, queue=self.topology.queue,
                  affinity_queue=declared.own_queue.name if declared.own_queue else None,
                  prefetch=self.settings.prefetch, max_batch=self.settings.max_batch,
                  batch_window_ms=self.settings.batch_window_ms, metrics_port=self.metrics_port)
 
     async def start_metrics(self) -> None:
-        """Serve /metrics and /healthz (503 until consuming; nothing answers while the engine
-        loads, which a healthcheck reads as not ready either)."""
-        self._server = MetricsServer(self.metrics, self.healthy)
+        """Serve /metrics, /livez and /readyz (503 until consuming)."""
+        self._server = MetricsServer(self.metrics, self.ready)
         self.metrics_port = await self._server.start(self.settings.metrics_host,
                                                      self.settings.metrics_port)
 
@@ -154,62 +182,89 @@ class Worker:
         """Ask run() to drain and return. Safe from a signal handler on the loop."""
         self._stop.set()
 
-    def healthy(self) -> bool:
+    def consuming(self) -> bool:
         c = self._connection
         return (bool(self._consumers) and not self._stop.is_set() and c is not None
                 and not c.is_closed and c.connected.is_set())
 
-    async def drain(self) -> None:
-        """Stop consuming; let in-flight jobs finish within the grace period. Jobs not finished
-        then are cancelled on the engine and stay unacked: they go back to the queue when the
-        connection closes."""
+    def engine_alive(self) -> bool:
+        """The engine's step loop went round within --engine-stall-s (an engine that does not
+        report `heartbeat_age_s` counts as alive)."""
+        try:
+            age = self.engine.stats().get("heartbeat_age_s")
+        except Exception:
+            return False
+        return age is None or age <= self.settings.engine_stall_s
+
+    def ready(self) -> bool:
+        """Readiness (/readyz): consuming, and the engine's loop alive."""
+        return self.consuming() and self.engine_alive()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop consuming; let in-flight jobs finish for `timeout` seconds (default
+        --shutdown-grace-s). Jobs not finished then are cancelled on the engine and returned to
+        the queue with nack (uncounted from RabbitMQ 4.3), like those collected but not submitted."""
         self._stop.set()
-        log.info("worker_stopping", inflight=len(self._inflight),
-                 grace_s=self.settings.shutdown_grace_s)
+        timeout = self.settings.shutdown_grace_s if timeout is None else max(0.0, timeout)
+        log.info("worker_stopping", inflight=len(self._inflight), wait_s=round(timeout, 3))
         consumers, self._consumers = self._consumers, []
         for queue, tag in consumers:
             try:
                 await queue.cancel(tag)
             except DEAD_CHANNEL:
                 pass
-        for inflight in self._collector.drain():  # never submitted: leave them to the broker
+        returned = []
+        for inflight in self._collector.drain():  # never submitted: back to the broker
             self._inflight.pop(inflight.job.id, None)
             inflight.release_lease()
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
+            returned.append(inflight)
+        deadline = time.monotonic() + timeout
         while (self._inflight or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        left = list(self._inflight)
+        left = list(self._inflight.values())
         self._closed = True
-        for job_id in left:  # redelivered elsewhere: the engine need not finish them for nobody
-            self.engine.cancel(job_id)
-        if self._server is not None:
+        for inflight in left:  # redelivered elsewhere: the engine need not finish them for nobody
+            self.engine.cancel(inflight.job.id)
+        for inflight in [*returned, *left]:
+            for delivery in inflight.deliveries:
+                if delivery.alive:
+                    await self.publisher.requeue(delivery.message, delivery.job.id, Action.RETURN)
+        self._inflight.clear()
+        if self._server is not None and self._owns_server:
             await self._server.close()
         if self._connection is not None:
-            await self._connection.close()
+            try:
+                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
+            except (TimeoutError, *DEAD_CHANNEL):
+                log.warning("amqp_close_timeout")
         self.metrics.inflight.set(0)
-        log.info("worker_stopped", unfinished=len(left))
+        log.info("worker_stopped", unfinished=len(left), returned=len(returned) + len(left))
 
     def _on_reconnect(self, *_: Any) -> None:
         self.metrics.reconnects.inc()
-        log.warning("amqp_reconnected", inflight=len(self._inflight))
+        url = self._connection.current_url if self._connection is not None else None
+        log.warning("amqp_reconnected", amqp_url=url, inflight=len(self._inflight))
 
     # ---- intake ----------------------------------------------------------------------------------
 
     async def _on_message(self, route: str, message: AbstractIncomingMessage) -> None:
         """`route`: the queue it came from, "shared" or "affinity" (this worker's own)."""
-        if self._closed or self._stop.is_set():
-            return  # draining: leave it unacked, the broker gives it to another worker
+        if self._closed or self._stop.is_set():  # draining: back to the broker for another worker
+            if self._publisher is not None:
+                await self.publisher.requeue(message, message.message_id, Action.RETURN)
+            return
         try:
             await self._take(message, route)
-        except Exception:  # a bug must not strand the job in our prefetch: the delivery limit
-            log.exception("job_handler_failed", job_id=message.message_id)  # bounds the retries
-            await self.publisher.requeue(message, message.message_id, Action.RETRY)
+        except Exception:  # a bug must not strand the job in our prefetch: reject counts it
+            log.exception("job_handler_failed", job_id=message.message_id)  # towards the limit
+            await self.publisher.requeue(message, message.message_id, Action.REJECT)
 
     async def _take(self, message: AbstractIncomingMessage, route: str) -> None:
         received = time.time()
         try:
             job = protocol.decode_job(
-                message.body, message.content_type, message.headers, message.message_id,
+                message.body, message.content_type,
+                _without_retry_deaths(message.headers, self.topology.retry_queue), message.message_id,
                 message.correlation_id, message.reply_to, _expiration_ms(message), self.limits,
                 timestamp=message.timestamp, received_ms=received * 1000.0)
             request = to_request(job, self.settings.engine.default_adapter_source, received)
@@ -225,12 +280,12 @@ class Worker:
 
         cached = self.cache.get(job.id)
         if cached is not None:
-            jlog.info("job_answered_from_cache", reply_type=cached.KIND, delivery_count=delivery.count)
+            jlog.info("job_answered_from_cache", reply_type=cached.KIND, attempts=delivery.attempts)
             await self._answer(delivery, cached, outcome="cached")
             return
         inflight = self._inflight.get(job.id)
         if inflight is not None:
-            jlog.info("job_joined_inflight", delivery_count=delivery.count)
+            jlog.info("job_joined_inflight", attempts=delivery.attempts)
             inflight.deliveries.append(delivery)
             return
         if job.expired(received * 1000.0):
@@ -243,7 +298,7 @@ class Worker:
             inflight.lease = self.engine.prefetch(request.adapter)
         self._inflight[job.id] = inflight
         self.metrics.inflight.set(len(self._inflight))
-        jlog.debug("job_received", delivery_count=delivery.count, stream=job.stream, route=route)
+        jlog.debug("job_received", attempts=delivery.attempts, stream=job.stream, route=route)
         self._collector.add(inflight)
 
     # ---- engine hand-off -------------------------------------------------------------------------
@@ -299,7 +354,7 @@ class Worker:
     def _on_token(self, inflight: InflightJob, event: TokenEvent) -> None:
         if self._closed or inflight.job.id not in self._inflight:
             return
-        reply = TokenReply(inflight.job.id, Token(event.index, event.token_id, event.text, event.logprob))
+        reply = TokenReply(inflight.job.id, Token.of(event))
         for delivery in list(inflight.deliveries):
             if delivery.job.stream:
                 self._chain(inflight, self._publish_token(delivery, reply))
@@ -314,10 +369,10 @@ class Worker:
             if isinstance(outcome, Completion):
                 self._observe(inflight, outcome)
             self._settle_all(inflight, outcome)
-        except Exception:  # e.g. an outcome we cannot encode: retry it (bounded by the limit)
+        except Exception:  # e.g. an outcome we cannot encode: requeue it, counted towards the limit
             inflight.log.exception("job_settle_failed")
             for delivery in inflight.deliveries:
-                self._spawn(self.publisher.requeue(delivery.message, delivery.job.id, Action.RETRY))
+                self._spawn(self.publisher.requeue(delivery.message, delivery.job.id, Action.REJECT))
 
     def _observe(self, inflight: InflightJob, r: Completion) -> None:
         t = r.timings
@@ -341,11 +396,11 @@ class Worker:
             for delivery in inflight.deliveries:
                 self._chain(inflight, self._answer(delivery, result))
             return
-        err = outcome.error
-        if not err.retryable:  # deterministic: remember it, a redelivery gets the same answer
-            self.cache.put(inflight.job.id, ErrorReply(inflight.job.id, err.type.value, err.message))
+        failure = _failure(outcome.error, inflight.job.parameters.api_token)
+        if not failure.retryable:  # deterministic: remember it, a redelivery gets the same answer
+            self.cache.put(inflight.job.id, ErrorReply(inflight.job.id, failure.error_type, failure.message))
         for delivery in inflight.deliveries:
-            self._chain(inflight, self._fail(delivery, inflight.log, _failure(err)))
+            self._chain(inflight, self._fail(delivery, inflight.log, failure))
 
     def _chain(self, inflight: InflightJob, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` after everything chained before it for this job (token order, then final)."""
@@ -386,6 +441,7 @@ class Worker:
             self.metrics.job_latency.observe(time.time() - delivery.received)
             self.metrics.jobs_finished.labels(outcome or reply.KIND).inc()
         else:
+            self.metrics.jobs_finished.labels("returned").inc()
             await self.publisher.requeue(delivery.message, delivery.job.id, Action.RETURN)
 
     async def _fail(self, delivery: Delivery, jlog: Any, failure: Failure) -> None:
@@ -395,19 +451,35 @@ class Worker:
             self.metrics.jobs_finished.labels("lost").inc()
             jlog.warning("delivery_channel_closed", error_type=failure.error_type)
             return
-        count = delivery.count
-        decision = decide(failure, count, self.topology.delivery_limit)
+        attempts = delivery.attempts
+        decision = decide(failure, attempts, self.topology.delivery_limit, self.settings.backoff)
         if decision.action is Action.RETRY:
-            jlog.warning("job_requeued", error_type=failure.error_type, error=failure.message,
-                         delivery_count=count)
-            self.metrics.jobs_finished.labels("requeued").inc()
-            await self.publisher.requeue(delivery.message, delivery.job.id, Action.RETRY)
+            await self._retry(delivery, jlog, decision)
+            return
+        if decision.action is Action.RETURN:
+            jlog.warning("job_returned", error_type=failure.error_type, error=failure.message,
+                         attempts=attempts)
+            self.metrics.jobs_finished.labels("returned").inc()
+            await self.publisher.requeue(delivery.message, delivery.job.id, Action.RETURN)
             return
         assert decision.failure is not None
         jlog.warning("job_failed", error_type=failure.error_type, error=decision.failure.message,
-                     delivery_count=count)
+                     attempts=attempts)
         await self._dead_letter(delivery.message, delivery.job.id, delivery.address,
                                 decision.failure)
+
+    async def _retry(self, delivery: Delivery, jlog: Any, decision: Decision) -> None:
+        """A delayed copy through the retry queue, then ack. If the copy is not confirmed the
+        delivery is rejected instead: requeued at once, and counted on every broker version."""
+        assert decision.failure is not None
+        jlog.warning("job_retried", error_type=decision.failure.error_type,
+                     error=decision.failure.message, retry=decision.retry,
+                     delay_s=round(decision.delay_s, 3))
+        self.metrics.jobs_finished.labels("retried").inc()
+        if await self.publisher.retry(delivery.message, delivery.job, decision):
+            await self.publisher.ack(delivery.message, delivery.job.id)
+        else:
+            await self.publisher.requeue(delivery.message, delivery.job.id, Action.REJECT)
 
     async def _reject(self, message: AbstractIncomingMessage, e: ProtocolError) -> None:
         """A job that cannot be decoded or validated: dead-letter it with the reason, reply, ack."""

@@ -48,7 +48,7 @@ async def delete_topology(url: str, topology: Topology) -> None:
     except (ConnectionError, OSError):
         return
     async with connection:
-        for name in (topology.queue, topology.dead_queue):
+        for name in (topology.queue, topology.dead_queue, topology.retry_queue):
             channel = await connection.channel()  # a failed delete closes its channel
             try:
                 await channel.queue_delete(name)

@@ -3,26 +3,36 @@
 PEFT stores `lora_A.weight` [r, in] and `lora_B.weight` [out, r] and computes
 `y += scale * (x @ A.T) @ B.T` with `scale = alpha / r` (or `alpha / sqrt(r)` with rslora).
 We keep `A = lora_A.T` [in, r] and `B = scale * lora_B.T` [r, out] in the compute dtype, so the
-op is two plain matmuls `x @ A @ B` with nothing left to multiply.
+op is two plain matmuls `x @ A @ B` with nothing left to multiply. A module's layers are stacked
+(`LayerRun`: [layers, in, r] and [layers, r, out]), the layout of a device slot, so a slot takes
+an adapter in a few copies rather than one per layer and module.
 
 Which modules an adapter targets, and each module's r and alpha, are resolved exactly as PEFT
 resolves them (target_modules / exclude_modules / layers_to_transform / layers_pattern /
 rank_pattern / alpha_pattern: mirrored from `peft.tuners.tuners_utils.check_target_module_exists`
 and `peft.utils.other.get_pattern_key`), then checked against the tensors in the file: every
 expected module must have both tensors, and no other tensor may be present.
+
+A load is a few passes over the adapter's bytes and little else: the safetensors file is read with
+one `readinto`, its header checked before any data is read; the data become fp32 views of one
+buffer, checked for non-finite values in one pass; what a config selects is resolved once per
+distinct config (adapters of one deployment share theirs), so every per-tensor step is a dict
+lookup or a view; each module's layers are transposed (and B scaled) in one stacked op.
+(`python -m benchmarks.adapter_load` measures it against a plain read of the files.)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from engine.config import LORA_MODULE_PARENT, LORA_MODULES
@@ -47,19 +57,65 @@ _REFUSED_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class LayerRun:
+    """One module's weights over consecutive layers that share a rank: one copy into a slot."""
+
+    module: str
+    first_layer: int
+    A: Tensor  # [n, in, r]: lora_A.T per layer
+    B: Tensor  # [n, r, out]: scale * lora_B.T per layer
+
+    @property
+    def layers(self) -> slice:
+        return slice(self.first_layer, self.first_layer + self.A.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[2]
+
+
 @dataclass
 class AdapterWeights:
     """Host copy of one validated PEFT adapter, ready to be copied into a device slot."""
 
     key: str  # AdapterRef.key
     rank: int  # max rank over its modules
-    modules: dict[tuple[int, str], tuple[Tensor, Tensor]]  # (layer, module) -> (A [in, r], B [r, out] * scale)
+    runs: tuple[LayerRun, ...]
     nbytes: int
+
+    @classmethod
+    def from_modules(cls, key: str, modules: Mapping[tuple[int, str], tuple[Tensor, Tensor]]) -> AdapterWeights:
+        """From per-layer pairs already in the op's layout: (layer, module) -> (A [in, r], B [r, out])."""
+        runs = tuple(LayerRun(module, layers[0], torch.stack([modules[layer, module][0] for layer in layers]),
+                              torch.stack([modules[layer, module][1] for layer in layers]))
+                     for module, layers in _layer_runs({k: ab[0].shape[1] for k, ab in modules.items()}))
+        return cls(key, max(run.rank for run in runs), runs, sum(run.A.nbytes + run.B.nbytes for run in runs))
+
+    @property
+    def modules(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+        """Per-layer views: (layer, module) -> (A [in, r], B [r, out] * scale)."""
+        return {(run.first_layer + i, run.module): (run.A[i], run.B[i]) for run in self.runs
+                for i in range(run.A.shape[0])}
 
     def pin_memory(self) -> AdapterWeights:
         """A copy in page-locked memory, so host -> device copies can be asynchronous (CUDA only)."""
-        pinned = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in self.modules.items()}
-        return AdapterWeights(self.key, self.rank, pinned, self.nbytes)
+        runs = tuple(LayerRun(r.module, r.first_layer, r.A.pin_memory(), r.B.pin_memory()) for r in self.runs)
+        return AdapterWeights(self.key, self.rank, runs, self.nbytes)
+
+
+def _layer_runs(tags: Mapping[tuple[int, str], Hashable]) -> list[tuple[str, list[int]]]:
+    """(module, layers) per run of consecutive layers of one module with equal tags (rank, scale),
+    in LORA_MODULES order, layers ascending."""
+    runs: list[tuple[str, list[int]]] = []
+    for layer, module in sorted(tags, key=lambda k: (LORA_MODULES.index(k[1]), k[0])):
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == module and last[1][-1] == layer - 1 \
+                and tags[layer - 1, module] == tags[layer, module]:
+            last[1].append(layer)
+        else:
+            runs.append((module, [layer]))
+    return runs
 
 
 def _invalid(message: str) -> EngineError:
@@ -234,33 +290,165 @@ def _parse_key(key: str, spec: ModelSpec) -> tuple[int, str, str]:
     return layer, mm.group("name"), m.group("ab")
 
 
-def _read_tensors(path: Path, spec: ModelSpec, expected: dict, allow_pickle: bool) -> dict[str, Tensor]:
-    """Read the weights, checking names and shapes from the safetensors header before any data."""
-    st_file, bin_file = path / SAFETENSORS_FILE, path / PICKLE_FILE
-    if st_file.is_file():
+@dataclass(frozen=True)
+class _Plan:
+    """What one config selects in one base model, resolved once: per expected (layer, module) its
+    (r, alpha), the tensor names in order with the shape each must have, and each module's scale."""
+
+    expected: dict[tuple[int, str], tuple[int, float]]
+    shapes: dict[str, tuple[int, int]]  # tensor name -> required shape, in (layer, LORA_MODULES, A, B) order
+    modules: dict[tuple[int, str], tuple[str, str, float]]  # (layer, module) -> (A name, B name, scale)
+
+
+# Config fields that decide a _Plan; a load reuses the plan of an equal config on the same base model.
+_PLAN_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+                "alpha_pattern", "r", "lora_alpha", "use_rslora")
+_PLAN_CACHE_SIZE = 64
+_plans: dict[tuple, _Plan] = {}
+
+
+def _plan(cfg: dict, spec: ModelSpec) -> _Plan:
+    """The `_Plan` of a checked config, from a small cache (loader threads may race: both compute)."""
+    key = (json.dumps([cfg.get(f) for f in _PLAN_FIELDS]), spec.num_layers,  # key order matters: patterns
+           tuple(spec.module_shapes.items()), spec.base_model_name)
+    plan = _plans.get(key)
+    if plan is None:
+        expected = _expected_modules(cfg, spec)
+        use_rslora = bool(cfg.get("use_rslora", False))
+        shapes, modules = {}, {}
+        for (layer, module), (r, alpha) in expected.items():
+            fan_in, fan_out = spec.module_shapes[module]
+            prefix = f"base_model.model.{_module_key(layer, module)}"
+            a, b = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+            shapes[a], shapes[b] = (r, fan_in), (fan_out, r)
+            modules[layer, module] = (a, b, _scale(alpha, r, use_rslora))
+        plan = _Plan(expected, shapes, modules)
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
+
+
+def _check_names(shapes: Mapping[str, tuple[int, ...]], spec: ModelSpec, plan: _Plan) -> None:
+    """Every tensor is one the config selects, in the shape the base model gives it, and none is missing."""
+    for key, shape in shapes.items():
+        if plan.shapes.get(key) != shape:
+            _check_shape(key, shape, spec, plan.expected)  # names the reason
+            raise _invalid(f"unexpected tensor {key}")  # (not reached: a selected name would match)
+    for name in plan.shapes:
+        if name not in shapes:
+            module = name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            raise _invalid(f"missing tensor {name} (target_modules selects {module})")
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_HEADER_BYTES = 100 << 20  # as the safetensors library
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the data section
+    end: int
+
+
+def _header_entries(header: object, data_len: int) -> dict[str, _Entry]:
+    """The tensors a safetensors header describes; ValueError unless they tile the data section exactly
+    (what the safetensors library checks too). Shapes are only sized here: `_check_names` compares
+    each with the one its name must have."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, e in header.items():
         try:
-            with safe_open(st_file, framework="pt") as f:
-                keys = list(f.keys())
-                for key in keys:
-                    _check_shape(key, tuple(f.get_slice(key).get_shape()), spec, expected)
-                return {key: f.get_tensor(key) for key in keys}
-        except EngineError:
-            raise
-        except Exception as e:  # safetensors raises several types for a corrupt file
-            raise _invalid(f"{SAFETENSORS_FILE} is unreadable: {e}") from None
-    if bin_file.is_file():
-        if not allow_pickle:
-            raise _invalid(f"{PICKLE_FILE} (pickle) needs allow_pickle; provide {SAFETENSORS_FILE}")
-        try:
-            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise _invalid(f"{PICKLE_FILE} is unreadable: {e}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
-            raise _invalid(f"{PICKLE_FILE} must hold a dict of tensors")
-        for key, t in tensors.items():
-            _check_shape(key, tuple(t.shape), spec, expected)
+            shape, (start, end) = tuple(e["shape"]), e["data_offsets"]
+            if type(start) is not int or type(end) is not int or end - start != math.prod(shape) * _ST_ITEMSIZE[
+                    e["dtype"]]:
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"entry {name!r} is malformed") from None
+        entries[name] = _Entry(e["dtype"], shape, start, end)
+    position = 0
+    for e in sorted(entries.values(), key=lambda e: e.start):
+        if e.start != position:
+            raise ValueError("tensors overlap or leave gaps in the data")
+        position = e.end
+    if position != data_len:
+        raise ValueError(f"the data section has {data_len} bytes, the header describes {position}")
+    return entries
+
+
+def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
+    """The tensors of `file` as fp32 views of one buffer, checked for names and shapes from the
+    header before the data is read, and for non-finite values."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            entries = _header_entries(json.loads(f.read(n)), size - 8 - n)
+            _check_names({name: e.shape for name, e in entries.items()}, spec, plan)
+            data = bytearray(size - 8 - n)
+            if f.readinto(data) != len(data):
+                raise ValueError("the file is shorter than it was a moment ago")
+    except EngineError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise _invalid(f"{SAFETENSORS_FILE} is unreadable: {error}") from None
+    for name, e in entries.items():
+        if e.dtype not in _ST_FLOATS:
+            raise _invalid(f"tensor {name} has non-float values (dtype {e.dtype})")
+    dtypes = {e.dtype for e in entries.values()}
+    if len(dtypes) == 1:  # the usual file: one conversion and one check over all of it
+        dtype = _ST_FLOATS[dtypes.pop()]
+        flat = torch.frombuffer(data, dtype=dtype).float()
+        item = dtype.itemsize
+        # the plan's shapes (equal to the header's, and ints); as_strided: one view op, not two
+        tensors = {name: flat.as_strided(plan.shapes[name], (plan.shapes[name][1], 1), e.start // item)
+                   for name, e in entries.items()}
+        if not _finite(flat):
+            _check_finite(tensors, plan)
         return tensors
-    raise _invalid(f"{SAFETENSORS_FILE} missing in the adapter directory")
+    raw = torch.frombuffer(data, dtype=torch.uint8)
+    tensors = {name: raw[e.start:e.end].clone().view(_ST_FLOATS[e.dtype]).float().view(plan.shapes[name])
+               for name, e in entries.items()}
+    _check_finite(tensors, plan)
+    return tensors
+
+
+def _read_pickle(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
+    """The tensors of an `adapter_model.bin` (weights_only), as fp32, checked like a safetensors file's."""
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _invalid(f"{PICKLE_FILE} is unreadable: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise _invalid(f"{PICKLE_FILE} must hold a dict of tensors")
+    _check_names({key: tuple(t.shape) for key, t in tensors.items()}, spec, plan)
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise _invalid(f"tensor {key} has non-float values (dtype {t.dtype})")
+    tensors = {key: t.float() for key, t in tensors.items()}
+    _check_finite(tensors, plan)
+    return tensors
+
+
+def _finite(t: Tensor) -> bool:
+    """No NaN or infinity in `t` (one pass: aminmax propagates NaN)."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+def _check_finite(tensors: Mapping[str, Tensor], plan: _Plan) -> None:
+    """Refuse the first tensor, in (layer, module, A, B) order, that holds a NaN or an infinity."""
+    for name in plan.shapes:
+        if not _finite(tensors[name]):
+            raise _invalid(f"tensor {name} has non-finite or non-float values")
 
 
 def _check_shape(key: str, shape: tuple[int, ...], spec: ModelSpec, expected: dict) -> None:
@@ -278,31 +466,55 @@ def _check_shape(key: str, shape: tuple[int, ...], spec: ModelSpec, expected: di
                        f"{spec.base_model_name} ({what})")
 
 
-def load_peft_adapter(path: Path, spec: ModelSpec, dtype: torch.dtype, max_rank: int,
-                      allow_pickle: bool, key: str = "") -> AdapterWeights:
-    """Load and validate the PEFT LoRA adapter in directory `path`; raise EngineError(ADAPTER_INVALID)
-    naming the offending field or tensor for anything we cannot serve exactly."""
+@dataclass
+class LoraTensors:
+    """A validated PEFT LoRA adapter as stored: per module `lora_A` [r, in] and `lora_B` [out, r] in
+    fp32, and the module's scale (alpha / r, or alpha / sqrt(r) with rslora, after the patterns)."""
+
+    modules: dict[tuple[int, str], tuple[Tensor, Tensor, float]]  # (layer, module) -> (lora_A, lora_B, scale)
+    scale: float  # the config's own r and lora_alpha: the scale of a module no pattern names
+
+
+def _scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def read_peft_lora(path: Path, spec: ModelSpec, max_rank: int, allow_pickle: bool) -> LoraTensors:
+    """Read and validate the PEFT LoRA adapter in directory `path`; raise EngineError(ADAPTER_INVALID)
+    naming the offending field or tensor for anything we cannot serve exactly. The tensors may be
+    views of one buffer: read them, never write them."""
     path = Path(path)
     cfg = _read_config(path)
     _check_config(cfg, max_rank)
-    expected = _expected_modules(cfg, spec)
-    tensors = _read_tensors(path, spec, expected, allow_pickle)
+    plan = _plan(cfg, spec)
+    st_file, bin_file = path / SAFETENSORS_FILE, path / PICKLE_FILE
+    if st_file.is_file():
+        tensors = _read_safetensors(st_file, spec, plan)
+    elif bin_file.is_file():
+        if not allow_pickle:
+            raise _invalid(f"{PICKLE_FILE} (pickle) needs allow_pickle; provide {SAFETENSORS_FILE}")
+        tensors = _read_pickle(bin_file, spec, plan)
+    else:
+        raise _invalid(f"{SAFETENSORS_FILE} missing in the adapter directory")
+    modules = {k: (tensors[a], tensors[b], scale) for k, (a, b, scale) in plan.modules.items()}
     use_rslora = bool(cfg.get("use_rslora", False))
-    modules: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
-    nbytes = 0
-    for (layer, name), (r, alpha) in expected.items():
-        prefix = f"base_model.model.{_module_key(layer, name)}"
-        a, b = tensors.get(f"{prefix}.lora_A.weight"), tensors.get(f"{prefix}.lora_B.weight")
-        if a is None or b is None:
-            raise _invalid(f"missing tensor {prefix}.lora_{'A' if a is None else 'B'}.weight "
-                           f"(target_modules selects {_module_key(layer, name)})")
-        for ab, t in (("A", a), ("B", b)):
-            if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise _invalid(f"tensor {prefix}.lora_{ab}.weight has non-finite or non-float values")
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        A = a.float().t().contiguous().to(dtype)  # [in, r]
-        B = (b.float().t() * scale).contiguous().to(dtype)  # [r, out], scale folded in
-        modules[(layer, name)] = (A, B)
-        nbytes += A.nbytes + B.nbytes
-    rank = max(A.shape[1] for A, _ in modules.values())
-    return AdapterWeights(key=key or str(path), rank=rank, modules=modules, nbytes=nbytes)
+    return LoraTensors(modules, _scale(float(cfg.get("lora_alpha", 8)), int(cfg.get("r", 8)), use_rslora))
+
+
+def lay_out(lora: LoraTensors, dtype: torch.dtype, key: str) -> AdapterWeights:
+    """The op's layout, one `LayerRun` per run of layers of a module with one rank and scale:
+    `A = lora_A.T` [n, in, r] and `B = scale * lora_B.T` [n, r, out] in `dtype` (the product in fp32)."""
+    runs = []
+    for module, layers in _layer_runs({k: (a.shape[0], scale) for k, (a, _, scale) in lora.modules.items()}):
+        parts = [lora.modules[layer, module] for layer in layers]
+        A = torch.stack([a for a, _, _ in parts]).transpose(1, 2).contiguous()
+        B = torch.stack([b for _, b, _ in parts]).transpose(1, 2).contiguous().mul_(parts[0][2])
+        runs.append(LayerRun(module, layers[0], A.to(dtype), B.to(dtype)))
+    return AdapterWeights(key=key, rank=max(run.rank for run in runs), runs=tuple(runs),
+                          nbytes=sum(run.A.nbytes + run.B.nbytes for run in runs))
+
+
+def load_peft_adapter(path: Path, spec: ModelSpec, dtype: torch.dtype, max_rank: int,
+                      allow_pickle: bool, key: str = "") -> AdapterWeights:
+    """The PEFT LoRA adapter in directory `path`, validated (`read_peft_lora`) and laid out for the op."""
+    return lay_out(read_peft_lora(path, spec, max_rank, allow_pickle), dtype, key or str(path))

@@ -20,6 +20,18 @@ and queued again ahead of later arrivals with their now known size.
 
 A failed load is remembered for `adapter_failure_ttl_s` and answered to every poll in that time.
 
+Merged adapters (`AdapterRef.merge`, LoRAX's `merged_adapters`): built once on a loader thread from
+their adapters' files (engine/adapter_merge.py), then cached in the host and device tiers like any
+adapter, under a key derived from the definition (source, ids, weights, strategy, density, sign
+method; the token only as the source's scope). Their stamp is their adapters' stamps together, so
+a change of one adapter's files gives a new merged version (see "Staleness"). The hub snapshots
+they fetch join the disk tier under their own adapters' keys.
+
+Tenants: a source may key entries by who asks (`AdapterSource.scope`: the hub, by a salted
+fingerprint of the job's api_token). Such entries are separate adapters in every tier (device,
+host, disk, failures, and the scheduler's queues): a private hub adapter fetched with tenant A's
+token is never served to a job with another token or none, and A's jobs share A's entry.
+
 Staleness: `prefetch` (called for every submitted request) re-stats a local adapter's files
 (mtime, size, inode) at most every REVALIDATE_S per adapter. Until that check (queued ahead of
 loads) is done, `poll` says "loading", so the request that triggered it runs on what it found; a
@@ -42,13 +54,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import structlog
 
 from engine.adapter import AdapterWeights, load_peft_adapter
+from engine.adapter_merge import load_merged_adapter
 from engine.adapter_source import AdapterSource, HubSource, LocalSource
 from engine.byte_lru import ByteLRU
 from engine.config import EngineConfig
@@ -116,7 +129,8 @@ class AdapterStore:
         if sources is None:
             sources = {"local": LocalSource(config.adapter_root)}
             if config.hub_enabled:
-                sources["hub"] = HubSource(config.adapter_disk_dir, config.hub_allow_orgs, config.allow_pickle)
+                sources["hub"] = HubSource(config.adapter_disk_dir, config.hub_allow_orgs, config.allow_pickle,
+                                           worker_credentials=config.hub_worker_credentials)
         self.sources = sources
         self._on_settled = on_settled
         self._lock = threading.Lock()
@@ -132,9 +146,19 @@ class AdapterStore:
 
     # ---- any thread -------------------------------------------------------------------------
 
+    def scoped(self, ref: AdapterRef) -> AdapterRef:
+        """`ref` keyed for its token where its source needs that (see "Tenants"). Every method
+        below scopes the refs it is given; the engine scopes a request's ref once, at submit, so
+        the scheduler's per-adapter queues keep tenants apart too."""
+        if ref.scope or not ref.api_token or ref.source not in self.sources:
+            return ref
+        scope = self.sources[ref.source].scope(ref.api_token)
+        return replace(ref, scope=scope) if scope else ref
+
     def prefetch(self, ref: AdapterRef) -> Lease:
         """Start loading `ref` (source -> disk -> host) in the background; returns at once. The
         lease holds the loaded adapter against eviction until released (see "Prefetch holds")."""
+        ref = self.scoped(ref)
         key = ref.key
         with self._lock:
             self._holds[key] = self._holds.get(key, 0) + 1
@@ -145,6 +169,7 @@ class AdapterStore:
     def last_load(self, ref: AdapterRef) -> tuple[int, float]:
         """(generation, source load ms) of the version of `ref` the store holds now; (0, 0.0) if
         none. Generations only grow: comparing them tells whether a load ended in between."""
+        ref = self.scoped(ref)
         with self._lock:
             a = self._adapters.get(ref.key)
             return (a.generation, a.load_ms) if a is not None else (0, 0.0)
@@ -175,6 +200,7 @@ class AdapterStore:
         """"ready" when `acquire` can place it without a source load; its EngineError if its last
         load failed less than adapter_failure_ttl_s ago; otherwise "loading" (queued like a
         prefetch if it is not yet). Cheap: the scheduler may poll every waiting adapter each step."""
+        ref = self.scoped(ref)
         with self._lock:
             a = self._adapters.get(ref.key)
             if a is not None and self._ready(a) and not a.revalidating:
@@ -189,6 +215,7 @@ class AdapterStore:
         evicting the least recently used unpinned slot. None: not placeable now (every slot is
         pinned, the adapter is not in the host tier, or a newer version waits for the old
         version's requests to finish); the caller keeps the request waiting and retries."""
+        ref = self.scoped(ref)
         key = ref.key
         with self._lock:
             a = self._adapters.get(key)
@@ -214,8 +241,15 @@ class AdapterStore:
             self._start_loads()  # `used` changed: held-back prefetches may fit now
             return slot
 
+    def scratch_slot(self) -> int | None:
+        """A device slot holding no adapter, or None, for weights that are no adapter's (the
+        warm-up's). It stays unassigned: the caller clears it before the next `acquire`."""
+        with self._lock:
+            return self.slot_table.empty()
+
     def release(self, ref: AdapterRef) -> None:
         """Unpin one `acquire` of `ref`."""
+        ref = self.scoped(ref)
         with self._lock:
             if not self.slot_table.unpin(ref.key):
                 log.warning("adapter_release_unpinned", adapter=ref.key)
@@ -291,8 +325,7 @@ class AdapterStore:
             self.host.touch(key)  # else later prefetches evict it before its turn comes
             if a.stamp is not None and now - a.checked_at >= REVALIDATE_S:
                 a.checked_at = now
-                source = self.sources[ref.source]
-                if source.cheap_stamp and source.stamp(ref.id) == a.stamp:
+                if self.sources[ref.source].cheap_stamp and self._stamp(ref) == a.stamp:
                     return False  # unchanged files: ready now
                 self.load_queue.add(LoadJob(ref, revalidate=True))  # usually a stat: ahead of loads
                 a.revalidating = True  # not "ready" until checked: this request must not run stale
@@ -304,6 +337,15 @@ class AdapterStore:
         self._counters.host.misses += 1
         self.load_queue.add(LoadJob(ref, demanded=demand))
         return True
+
+    def _stamp(self, ref: AdapterRef) -> Hashable | None:
+        """The source's fingerprint of `ref`'s files; a merge's is its adapters' together (None
+        when any is None), so a change of one adapter's files gives a new merged version."""
+        source = self.sources[ref.source]
+        if ref.merge is None:
+            return source.stamp(ref.id)
+        stamps = tuple(source.stamp(adapter_id) for adapter_id in ref.merge.ids)
+        return None if None in stamps else stamps
 
     def _start_loads(self) -> None:
         self.load_queue.start(self._fits)
@@ -364,7 +406,7 @@ class AdapterStore:
 
     def _evict_disk(self, keep: str) -> None:
         for key, ref, nbytes in self.disk.evict(lambda key: key != keep and not self.load_queue.is_running(key)):
-            self.sources[ref.source].evict(ref.id)
+            self.sources[ref.source].evict(ref.id, ref.api_token)
             self._counters.disk.evictions += 1
             log.info("adapter_evicted", adapter=key, tier="disk", bytes=nbytes)
 
@@ -375,12 +417,15 @@ class AdapterStore:
         key, source = ref.key, self.sources[ref.source]
         t0 = time.perf_counter()
         disk_bytes, on_disk, unchanged, stamp, w = None, False, False, None, None
+        merged_from: list[tuple[AdapterRef, int]] = []
         try:
-            stamp = source.stamp(ref.id)  # before reading: a change while we read is seen next time
+            stamp = self._stamp(ref)  # before reading: a change while we read is seen next time
             with self._lock:
                 current = self._adapters.get(key)
                 unchanged = job.revalidate and current is not None and current.stamp == stamp
-            if not unchanged:
+            if not unchanged and ref.merge is not None:
+                w, merged_from = self._merge(ref)
+            elif not unchanged:
                 with self._lock:
                     on_disk = key in self.disk
                 path = source.fetch(ref.id, ref.api_token)
@@ -388,8 +433,8 @@ class AdapterStore:
                     disk_bytes = _dir_bytes(path)
                 w = load_peft_adapter(path, self.spec, self.slots.dtype, self.slots.max_rank,
                                       self.config.allow_pickle, key=key)
-                if self.slots.device.type == "cuda":
-                    w = w.pin_memory()
+            if w is not None and self.slots.device.type == "cuda":
+                w = w.pin_memory()
             error = None
         except EngineError as e:
             error = e
@@ -407,6 +452,10 @@ class AdapterStore:
                 self._fail(key, error)
             elif w is not None:
                 self._insert(ref, w, stamp, ms, disk_bytes, on_disk)
+                for part, nbytes in merged_from:  # hub snapshots of a merge's adapters: the disk tier's
+                    self.disk.put(part.key, part, nbytes)
+                if merged_from:
+                    self._evict_disk(keep=key)
             self._start_loads()
         if self._on_settled is not None:
             self._on_settled()
@@ -429,6 +478,27 @@ class AdapterStore:
         log.info("adapter_loaded", adapter=key, ms=round(ms, 1), bytes=w.nbytes, rank=w.rank,
                  generation=self._generation, reloaded=reloaded)
         self._evict_host(keep=key)
+
+
+    def _merge(self, ref: AdapterRef) -> tuple[AdapterWeights, list[tuple[AdapterRef, int]]]:
+        """Build the merged adapter `ref` from its adapters' files (engine/adapter_merge.py); also
+        the hub snapshots it fetched, with their bytes, for the disk tier."""
+        assert ref.merge is not None
+        source = self.sources[ref.source]
+        fetched: list[tuple[AdapterRef, int]] = []
+
+        def fetch(adapter_id: str) -> Path:
+            path = source.fetch(adapter_id, ref.api_token)
+            if source.caches_on_disk:
+                fetched.append((replace(ref, id=adapter_id, merge=None), _dir_bytes(path)))
+            return path
+
+        w = load_merged_adapter(ref.merge, fetch, self.spec, self.slots.dtype, self.slots.max_rank,
+                                self.config.allow_pickle, ref.key)
+        log.info("adapter_merged", adapter=ref.key, ids=list(ref.merge.ids), weights=list(ref.merge.weights),
+                 merge_strategy=ref.merge.merge_strategy, density=ref.merge.density,
+                 majority_sign_method=ref.merge.majority_sign_method)
+        return w, fetched
 
 
 def _dir_bytes(path: Path) -> int:

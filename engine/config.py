@@ -38,6 +38,7 @@ class EngineConfig:
     default_adapter_source: str = "local"
     hub_enabled: bool = False
     hub_allow_orgs: tuple[str, ...] = ()  # empty: any org (when hub_enabled)
+    hub_worker_credentials: bool = False  # jobs without api_token use the worker's own hub login
     allow_pickle: bool = False  # adapter_model.bin, loaded with weights_only=True
     max_lora_rank: int = 64
     adapter_slots: int = 32  # adapters resident in the layout the LoRA op reads

@@ -59,6 +59,18 @@ class Detokenizer:
         self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
         return self._append(delta, final=False)
 
+    def peek(self, token_ids: Sequence[int]) -> list[str]:
+        """The text each of `token_ids` would add if it came next ("" while a character is
+        incomplete), special tokens spelled out; nothing changes. Alternative tokens' texts, as LoRAX
+        decodes them: over the same window, the text still held back included."""
+        ids = self._ids[self._prefix_offset:]
+        prefix = self._decode_ids(ids[: self._read_offset - self._prefix_offset], skip_special=False)
+        texts = []
+        for token_id in token_ids:
+            text = self._decode_ids([*ids, token_id], skip_special=False)
+            texts.append("" if len(text) <= len(prefix) or text.endswith("\ufffd") else text[len(prefix):])
+        return texts
+
     def flush(self) -> str:
         """End the sequence (eos, length): return the text held back so far, including an
         incomplete trailing character as U+FFFD, exactly as `tokenizer.decode` would show it."""
@@ -97,8 +109,9 @@ class Detokenizer:
         return best
 
     def _decode(self, start: int, end: int) -> str:
+        return self._decode_ids(self._ids[start:end], skip_special=True)
+
+    def _decode_ids(self, ids: list[int], skip_special: bool) -> str:
         # no clean-up: it rewrites " ." to "." across the window edge and breaks the prefix match
-        text = self.tokenizer.decode(
-            self._ids[start:end], skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
         return cast(str, text)  # a list of ids decodes to one str

@@ -1,5 +1,5 @@
-"""The engine's public surface: build from one config, `submit` requests with callbacks, `cancel`,
-`stats`, `shutdown`. One daemon thread owns every tensor and runs the step loop; other threads
+"""The engine's public surface: build from one config, `warmup`, `submit` requests with callbacks,
+`cancel`, `stats`, `shutdown`. One daemon thread owns every tensor and runs the step loop; other threads
 only put commands into its inbox. Callbacks run on the engine thread (callers hop threads).
 
 A step: answer what the scheduler failed, run one packed forward (prefill or decode), sample one
@@ -9,18 +9,22 @@ step's requests (INTERNAL, retryable) and frees what they held; the loop goes on
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from engine.adapter_store import AdapterStore
+from engine.best_of import BestOf
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
+from engine.grammar import Grammar
 from engine.kv_cache import BlockManager, KVCache
 from engine.lease import Lease
 from engine.lora_op import build_lora_op
@@ -37,16 +41,21 @@ from engine.request import (
     OnFinish,
     OnToken,
     Outcome,
+    ScoredToken,
     Timings,
     TokenEvent,
 )
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.warmup import warm_up
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = structlog.get_logger(__name__)
 
-IDLE_WAIT_S = 0.5  # nothing queued: sleep until a command arrives (or this long)
+IDLE_WAIT_S = 0.5  # nothing queued: sleep until a command arrives (or this long); keeps the heartbeat fresh
 BLOCKED_WAIT_S = 0.005  # work queued but nothing runnable: poll again soon (a finished load wakes us sooner)
 DEADLINE_SWEEP_S = 0.1  # how often waiting requests are checked against their deadline
 
@@ -74,6 +83,11 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
+class _Warmup:
+    done: Future[None]
+
+
+@dataclass(frozen=True)
 class _Shutdown:
     stop_at: float | None  # monotonic time running requests are failed at; None: they finish
 
@@ -85,15 +99,17 @@ class Engine:
         a build error is raised here. The step thread makes every tensor, not just runs the steps,
         so the caller's thread never starts an OpenMP pool of its own (see README, "CPU threads")."""
         self.config = config
-        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Shutdown] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Warmup | _Shutdown] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._live: set[str] = set()  # request ids submitted and not yet finished
+        self._best_of: dict[str, BestOf] = {}  # best_of > 1 requests by id, until answered (guarded by _lock)
         self._inbox_requests = 0  # requests submitted, not yet taken from the inbox (guarded by _lock)
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._stopping = False  # shutdown begun: admit nothing new
         self._closed = False  # the step thread has ended (guarded by _lock)
         self._last_sweep = 0.0
+        self._heartbeat = time.monotonic()  # the step thread's latest turn of its loop
         self.num_steps = 0
         self.num_prefill_tokens = 0
         self.num_generated_tokens = 0
@@ -128,6 +144,9 @@ class Engine:
                                           on_settled=lambda: self._wake.set())  # loads end: poll again
         self.scheduler = Scheduler(config, self.blocks, self.adapter_store)
         self.sampler = Sampler()
+        self._special_ids = frozenset(self.model.tokenizer.all_special_ids)
+        self.grammar = Grammar(self.model.tokenizer, self.runner.lm_head.out_features, self.model.eos_token_ids,
+                               self.model.device)
 
     # ---- public surface (any thread) ------------------------------------------------------------
 
@@ -144,13 +163,14 @@ class Engine:
         return self._max_model_len
 
     def submit(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> None:
-        """Thread-safe, returns at once. Exactly one `on_finish` follows, on the engine thread."""
+        """Thread-safe, returns at once. Exactly one `on_finish` follows, on the engine thread (for a
+        best_of > 1 request too, which runs as several sequences and calls no `on_token`)."""
         self.submit_many([(request, on_token, on_finish)])
 
     def submit_many(self, jobs: list[tuple[GenerationRequest, OnToken | None, OnFinish]]) -> None:
         """`submit` for a group that arrived together: the step thread takes in all of it before
         its next step, so the group shares one prefill instead of racing the loop job by job."""
-        taken = tuple(self._job(*job) for job in jobs)
+        taken = tuple(self._job(*job) for job in self._fan_out(jobs))
         with self._lock:
             closed = self._closed
             if not closed:
@@ -164,11 +184,32 @@ class Engine:
                 self._callback(job.request.id, job.on_finish, GenerationFailure(job.request.id, _shut_down()))
         self._wake.set()
 
+    def _fan_out(self, jobs: list[tuple[GenerationRequest, OnToken | None, OnFinish]]
+                 ) -> list[tuple[GenerationRequest, OnToken | None, OnFinish]]:
+        """A best_of > 1 request becomes its n sampled requests, answered as one (engine/best_of.py)."""
+        out: list[tuple[GenerationRequest, OnToken | None, OnFinish]] = []
+        for request, on_token, on_finish in jobs:
+            if request.params.best_of == 1:
+                out.append((request, on_token, on_finish))
+                continue
+            group = BestOf(request, on_finish, cancel=self.cancel, on_done=self._best_of_done)
+            with self._lock:
+                self._best_of[request.id] = group
+            out += [(part, None, finish) for part, finish in group.parts()]
+        return out
+
+    def _best_of_done(self, request_id: str) -> None:
+        with self._lock:
+            self._best_of.pop(request_id, None)
+
     def _job(self, request: GenerationRequest, on_token: OnToken | None, on_finish: OnFinish) -> _Job:
         if request.adapter is None:
             return _Job(request, on_token, on_finish, None, 0)
-        generation, _ = self.adapter_store.last_load(request.adapter)
-        lease = self.adapter_store.prefetch(request.adapter)  # the load overlaps queueing and tokenization
+        adapter = self.adapter_store.scoped(request.adapter)  # a hub token's entries are its own
+        if adapter is not request.adapter:
+            request = dataclasses.replace(request, adapter=adapter)
+        generation, _ = self.adapter_store.last_load(adapter)
+        lease = self.adapter_store.prefetch(adapter)  # the load overlaps queueing and tokenization
         return _Job(request, on_token, on_finish, lease, generation)
 
     def prefetch(self, adapter: AdapterRef) -> Lease:
@@ -181,17 +222,23 @@ class Engine:
         """True if the request was still live; it then ends with a GenerationFailure (INTERNAL,
         "cancelled") and its KV blocks and adapter pin are freed before the next step."""
         with self._lock:
-            if request_id not in self._live:
+            group = self._best_of.get(request_id)
+            if group is None and request_id not in self._live:
                 return False
+        if group is not None:  # every part: a list, not any() over a generator that stops early
+            return any([self.cancel(part.id) for part in group.requests])
         self._inbox.put(_Cancel(request_id))
         self._wake.set()
         return True
 
     def stats(self) -> dict:
         """Live counters (plain ints and lengths: safe to read from any thread) and the adapter
-        store's tiers."""
+        store's tiers. `heartbeat_age_s`: seconds since the step thread last went round its loop
+        (at least every IDLE_WAIT_S when idle; a step's length when busy); it only grows once the
+        thread hangs or has stopped, which is what a readiness probe looks for."""
         sched = self.scheduler
         return {
+            "heartbeat_age_s": round(time.monotonic() - self._heartbeat, 3),
             "running": len(sched.running), "waiting": sched.num_waiting + self._inbox_requests,
             "steps": self.num_steps, "prefill_tokens": self.num_prefill_tokens,
             "generated_tokens": self.num_generated_tokens, "step_failures": self.num_step_failures,
@@ -199,6 +246,19 @@ class Engine:
             "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_free": self.blocks.num_free, "adapters": self.adapter_store.stats(),
         }
+
+    def warmup(self, timeout: float | None = None) -> None:
+        """Run a few throwaway steps on the step thread (engine/warmup.py), with and without an
+        adapter, so the first jobs do not pay one-time costs; returns when they are done. Call it
+        before taking jobs (the worker does, before it consumes): it leaves KV blocks, adapter
+        slots and tiers, counters and later outputs as they were. Raises what the warm-up raised."""
+        done: Future[None] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._inbox.put(_Warmup(done))
+        self._wake.set()
+        done.result(timeout)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop admitting: waiting requests (and any submitted later) fail OVERLOADED, retryable;
@@ -221,6 +281,7 @@ class Engine:
     def _loop(self) -> None:
         stop_at: float | None = None
         while True:
+            self._heartbeat = time.monotonic()
             stop_at = self._drain_inbox(stop_at)
             if self._stopping and (not self.scheduler.running or (stop_at is not None and time.monotonic() >= stop_at)):
                 break
@@ -240,6 +301,7 @@ class Engine:
             self._closed = True
         self._drain_inbox(stop_at)  # submitted before _closed was set: fail them
         self.adapter_store.close()
+        self.grammar.close()
         log.info("engine_stopped", steps=self.num_steps)
 
     def _drain_inbox(self, stop_at: float | None) -> float | None:
@@ -256,8 +318,26 @@ class Engine:
                         self._inbox_requests -= len(jobs)
                 case _Cancel(request_id):
                     self._cancel(request_id)
+                case _Warmup(done):
+                    self._warm_up(done)
                 case _Shutdown(stop_at=stop_at):
                     self._begin_shutdown()
+
+    def _warm_up(self, done: Future[None]) -> None:
+        if self._stopping:
+            done.set_result(None)
+            return
+        log.info("engine_warmup_started")
+        t0 = time.perf_counter()
+        try:
+            warm_up(self.runner, self.sampler, self.blocks, self.slots, self.adapter_store.scratch_slot(),
+                    self.tokenizer, self._tokenize, self._max_model_len)
+        except Exception as exc:
+            log.exception("engine_warmup_failed")
+            done.set_exception(exc)
+            return
+        log.info("engine_warmup_done", ms=round((time.perf_counter() - t0) * 1e3, 1))
+        done.set_result(None)
 
     def _begin_shutdown(self) -> None:
         self._stopping = True
@@ -281,6 +361,7 @@ class Engine:
                 raise EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it was queued")
             self._check_params(request)
             prompt_ids = self._tokenize(request)
+            grammar = None if request.response_format is None else self.grammar.matcher(request.response_format)
         except EngineError as error:
             bound.info("request_rejected", error_type=error.type.value, error=error.message)
             if job.prefetch is not None:
@@ -291,7 +372,7 @@ class Engine:
         seq = Sequence(
             request=request, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
             sampling=SamplingState.create(params, self.model.device),
-            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop), grammar=grammar,
             on_token=job.on_token, on_finish=job.on_finish,
             prefetch=job.prefetch, adapter_generation=job.adapter_generation,
         )
@@ -329,6 +410,12 @@ class Engine:
             raise EngineError(ErrorType.VALIDATION, f"cannot tokenize the request: {exc}") from exc
         if not ids:
             raise EngineError(ErrorType.VALIDATION, "empty prompt")
+        if request.truncate is not None:  # LoRAX: keep the last `truncate` tokens, at most its input length
+            if request.truncate > self._max_model_len - 1:
+                raise EngineError(ErrorType.VALIDATION,
+                                  f"truncate must be at most {self._max_model_len - 1} (the model's context "
+                                  f"less one new token), got {request.truncate}")
+            ids = ids[-request.truncate:]
         if len(ids) + 1 > self._max_model_len:
             raise EngineError(ErrorType.PROMPT_TOO_LONG,
                               f"prompt has {len(ids)} tokens; the model's context is {self._max_model_len} "
@@ -368,12 +455,19 @@ class Engine:
             seq.adapter_load_ms = load_ms
 
     def _sweep_deadlines(self) -> None:
+        """Fail the requests past their deadline and free what they hold (KV blocks, adapter pin):
+        running rows before every step, so a client that stopped waiting stops the work at once;
+        waiting ones every DEADLINE_SWEEP_S (there may be thousands)."""
         now = time.time()
+        for seq in [s for s in self.scheduler.running if _expired(s, now)]:
+            self._release(seq)
+            self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED,
+                                        f"past its deadline after {seq.num_output_tokens} generated tokens"))
         if now - self._last_sweep < DEADLINE_SWEEP_S:
             return
         self._last_sweep = now
         for seq in self.scheduler.waiting():
-            if seq.num_output_tokens == 0 and seq.request.deadline is not None and now >= seq.request.deadline:
+            if _expired(seq, now):
                 self._release(seq)
                 self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline while queued"))
 
@@ -393,8 +487,7 @@ class Engine:
             for seq in seqs:
                 self._admitted(seq)
             now = time.time()
-            late = [s for s in seqs if s.num_output_tokens == 0 and s.request.deadline is not None
-                    and now >= s.request.deadline]
+            late = [s for s in seqs if _expired(s, now)]
             for seq in late:
                 self._release(seq)
                 self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it ran"))
@@ -402,8 +495,11 @@ class Engine:
             if not seqs:
                 return True
         try:
-            logits = self.runner.run(seqs, batch.prefill)  # [B, V] fp32
-            token_ids, logprobs = self.sampler.sample(logits, [_sampling(s) for s in seqs], [s.token_ids for s in seqs])
+            masks = self.grammar.fill([s.grammar for s in seqs])  # filled on the grammar thread during the forward
+            logits, prompt_logprobs = self._forward(seqs, batch.prefill)  # [B, V] fp32
+            bias = None if masks is None else self.grammar.bias(masks.result())
+            sampled = self.sampler.sample(logits, [_sampling(s) for s in seqs], [s.token_ids for s in seqs],
+                                          bias)
         except Exception as exc:
             self.num_step_failures += 1
             log.exception("step_failed", prefill=batch.prefill, rows=len(seqs),
@@ -417,9 +513,11 @@ class Engine:
         if batch.prefill:
             self.num_prefill_tokens += sum(s.num_tokens for s in seqs)
         self.num_generated_tokens += len(seqs)
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
+        for i, logprobs in prompt_logprobs.items():
+            seqs[i].prefill = self._prefill_tokens(seqs[i], logprobs)
+        for seq, token_id, logprob, alternatives in zip(seqs, *sampled, strict=True):
             try:
-                self._append_token(seq, token_id, logprob)
+                self._append_token(seq, token_id, logprob, alternatives)
             except Exception as exc:  # detokenizer or bookkeeping bug: this request only
                 log.exception("token_failed", request_id=seq.request_id)
                 if seq.status is not SequenceStatus.FINISHED:
@@ -427,21 +525,47 @@ class Engine:
                     self._fail(seq, EngineError(ErrorType.INTERNAL, f"{type(exc).__name__}: {exc}", retryable=True))
         return True
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
+    def _forward(self, seqs: list[Sequence], prefill: bool) -> tuple[Tensor, dict[int, list[float]]]:
+        """The step's logits [B, V]; a prefill also scores the prompts of the rows that asked for
+        decoder_input_details, on their first prefill (a preempted row keeps what it had)."""
+        scored = [i for i, s in enumerate(seqs) if prefill and s.request.params.prompt_logprobs and s.prefill is None]
+        if not scored:
+            return self.runner.run(seqs, prefill), {}
+        return self.runner.run_scored(seqs, scored)
+
+    def _prefill_tokens(self, seq: Sequence, logprobs: list[float]) -> tuple[ScoredToken, ...]:
+        """LoRAX's details.prefill: each prompt token decoded alone (special tokens spelled out) with
+        its logprob; the first has none."""
+        ids = seq.token_ids[:seq.num_prompt_tokens]
+        texts = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return tuple(ScoredToken(t, text, lp) for t, text, lp in zip(ids, texts, [None, *logprobs], strict=True))
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None,
+                      alternatives: list[tuple[int, float]] | None = None) -> None:
         params, detokenizer = seq.request.params, _detokenizer(seq)
+        scored = None
+        if alternatives is not None:  # decoded where the chosen token now goes
+            texts = detokenizer.peek([t for t, _ in alternatives])
+            scored = tuple(ScoredToken(t, text, lp) for (t, lp), text in zip(alternatives, texts, strict=True))
         seq.token_ids.append(token_id)
         if seq.first_token_at is None:
             seq.first_token_at = time.time()
         reason = None
-        if token_id in self.model.eos_token_ids and not params.ignore_eos:
+        # A constrained row ends once its grammar is complete: no step is spent on a forced EOS.
+        complete = seq.grammar is not None and seq.grammar.advance(token_id)
+        if token_id in self.model.eos_token_ids and (not params.ignore_eos or complete):
             text, reason = detokenizer.flush(), "eos_token"
         else:
             text, stopped = detokenizer.add(token_id)
             if stopped:
                 reason = "stop_sequence"
+            elif complete:
+                text, reason = text + detokenizer.flush(), "eos_token"
             elif seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self._max_model_len:
                 text, reason = text + detokenizer.flush(), "length"
-        event = TokenEvent(seq.request_id, seq.num_output_tokens - 1, token_id, text, logprob)
+        event = TokenEvent(seq.request_id, seq.num_output_tokens - 1, token_id, text, logprob,
+                           token_id in self._special_ids, scored)
         if params.logprobs:
             seq.events.append(event)
         if seq.on_token is not None:
@@ -463,7 +587,7 @@ class Engine:
             request_id=request.id, text=_detokenizer(seq).text, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens, timings=timings,
             adapter_id=request.adapter.id if request.adapter else None, seed=_sampling(seq).seed,
-            tokens=tuple(seq.events), token_ids=tuple(seq.output_ids),
+            tokens=tuple(seq.events), token_ids=tuple(seq.output_ids), prefill=seq.prefill or (),
         )
         log.info("request_done", request_id=request.id, finish_reason=finish_reason,
                  prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens,
@@ -498,6 +622,10 @@ class Engine:
 
 def _shut_down() -> EngineError:
     return EngineError(ErrorType.OVERLOADED, "engine shutting down", retryable=True)
+
+
+def _expired(seq: Sequence, now: float) -> bool:
+    return seq.request.deadline is not None and now >= seq.request.deadline
 
 
 def _sampling(seq: Sequence) -> SamplingState:

@@ -9,6 +9,11 @@ and columns are zero, so slicing to any r >= the slot's rank gives the same prod
 Tensors are allocated lazily, the first time a loaded adapter targets a module: a deployment
 whose adapters touch only q/v pays nothing for the MLP. Memory per allocated module is
 `num_layers * num_slots * max_rank * (in + out) * itemsize` and is never given back.
+
+A load writes one copy per `LayerRun` (usually one per module) and zeroes only what the slot's
+previous adapter may have left beyond it: per module and slot, `_extent` is the rank up to which
+values may be non-zero, so a rank-8 adapter replacing a rank-8 adapter on the same layers zeroes
+nothing, and no load clears the whole max_rank padding.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from engine.adapter import AdapterWeights
-from engine.config import LORA_MODULES
+from engine.adapter import AdapterWeights, LayerRun
 
 if TYPE_CHECKING:
     from engine.model_loader import ModelSpec
@@ -39,6 +43,7 @@ class LoraSlots:
         # Bumped on every load/clear of a slot; the op keys cached gathers on them.
         self.versions: list[int] = [0] * num_slots
         self._clock = 0
+        self._extent: dict[str, list[int]] = {}  # module -> per slot: columns of A / rows of B maybe non-zero
 
     def has_module(self, module: str) -> bool:
         """True once some loaded adapter targets `module` (the op can be skipped otherwise)."""
@@ -53,37 +58,49 @@ class LoraSlots:
         shape = (self.spec.num_layers, self.num_slots)
         self.A[module] = torch.zeros(*shape, fan_in, self.max_rank, device=self.device, dtype=self.dtype)
         self.B[module] = torch.zeros(*shape, self.max_rank, fan_out, device=self.device, dtype=self.dtype)
+        self._extent[module] = [0] * self.num_slots
 
     def _bump(self, slot: int) -> None:
         self._clock += 1
         self.versions[slot] = self._clock
 
     def load(self, slot: int, w: AdapterWeights) -> None:
-        """Copy adapter `w` into `slot`, zeroing every allocated module and layer it does not target.
+        """Copy adapter `w` into `slot`; every allocated module and layer it does not target reads zero.
         On CUDA the copies are asynchronous when `w` is in pinned memory; ops issued later on the
         same stream see the data, and the caching host allocator keeps the pinned source alive."""
         if w.rank > self.max_rank:
             raise ValueError(f"adapter rank {w.rank} exceeds slot max_rank {self.max_rank}")
-        for module in {name for _, name in w.modules}:
-            if module not in self.A:
-                self._allocate(module)
+        for run in w.runs:
+            if run.module not in self.A:
+                self._allocate(run.module)
         non_blocking = self.device.type == "cuda"
-        for module in LORA_MODULES:
-            if module not in self.A:
-                continue
+        for module, extents in self._extent.items():
             A, B = self.A[module][:, slot], self.B[module][:, slot]  # [L, in, R], [L, R, out]
-            A.zero_()
-            B.zero_()
-            for layer in range(self.spec.num_layers):
-                ab = w.modules.get((layer, module))
-                if ab is not None:
-                    r = ab[0].shape[1]
-                    A[layer, :, :r].copy_(ab[0], non_blocking=non_blocking)
-                    B[layer, :r, :].copy_(ab[1], non_blocking=non_blocking)
+            runs = [run for run in w.runs if run.module == module]
+            stale = extents[slot]
+            if stale > _covered(runs, self.spec.num_layers):  # the old adapter's values would show
+                A[:, :, :stale].zero_()
+                B[:, :stale, :].zero_()
+            for run in runs:
+                A[run.layers, :, :run.rank].copy_(run.A, non_blocking=non_blocking)
+                B[run.layers, :run.rank, :].copy_(run.B, non_blocking=non_blocking)
+            extents[slot] = max((run.rank for run in runs), default=0)
         self.ranks[slot] = w.rank
         self._bump(slot)
+
+    def free_module(self, module: str) -> None:
+        """Give back `module`'s tensors (the next load targeting it allocates them again). Only
+        while no slot holds an adapter targeting it: the warm-up's scratch adapter, cleared."""
+        del self.A[module], self.B[module], self._extent[module]
 
     def clear(self, slot: int) -> None:
         """Mark `slot` empty. Its stale values stay until the next load overwrites every module."""
         self.ranks[slot] = 0
         self._bump(slot)
+
+
+def _covered(runs: list[LayerRun], num_layers: int) -> int:
+    """The rank up to which `runs` overwrite every layer (0 unless they cover all layers)."""
+    if sum(run.A.shape[0] for run in runs) < num_layers:
+        return 0
+    return min(run.rank for run in runs)

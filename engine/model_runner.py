@@ -16,8 +16,9 @@ copying them. Fusing q/k/v and gate/up into one GEMM each was measured (SmolLM2 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+SCORE_CHUNK = 256  # prompt tokens projected onto the vocabulary at once by run_scored
 
 
 @dataclass
@@ -100,7 +102,7 @@ class ModelRunner:
                 act=mlp.act_fn, window=_window(config, i),
                 k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
             ))
-        self.windows = sorted({l.window for l in self.layers if l.window is not None})
+        self.windows = sorted({layer.window for layer in self.layers if layer.window is not None})
 
     # ---- step metadata -------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class ModelRunner:
         last = [0] * len(seqs)
         for row, i in enumerate(order):
             last[i] = row
-        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(packed, lens)]
+        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(packed, lens, strict=True)]
         # whole blocks are gathered (one 12 KB row each for SmolLM2, not one per token); positions
         # past a row's length (the rest of its last block, padding blocks) are masked
         lens_t = torch.tensor(lens, dtype=torch.long)[:, None]  # [B, 1]
@@ -199,7 +201,38 @@ class ModelRunner:
         step = self.prepare_prefill(seqs) if prefill else self.prepare_decode(seqs)
         return self.forward(step)
 
+    @torch.inference_mode()
+    def run_scored(self, seqs: list[Sequence], scored: list[int]) -> tuple[Tensor, dict[int, list[float]]]:
+        """A prefill step, `run(seqs, prefill=True)`, that also scores the prompts of seqs[i] for i
+        in `scored` (LoRAX's decoder_input_details): for prompt position p in 1..n-1, the logprob of
+        token p given tokens 0..p-1, log_softmax of the raw logits (no penalty, no temperature).
+        Returns the logits [B, V] and, per scored row, its n - 1 logprobs. The vocabulary
+        projection runs SCORE_CHUNK prompt tokens at a time, so [T, V] logits never exist at once."""
+        step = self.prepare_prefill(seqs)
+        h = self._hidden(step)  # [T, hidden]
+        last = step.last_index.tolist()
+        scores: dict[int, list[float]] = {}
+        for i in scored:
+            seq = seqs[i]
+            start, n = last[i] + 1 - seq.num_tokens, seq.num_prompt_tokens
+            targets = torch.tensor(seq.token_ids[1:n], dtype=torch.long, device=h.device)  # [n-1]
+            out: list[float] = []
+            for c in range(0, n - 1, SCORE_CHUNK):
+                rows = torch.arange(start + c, start + min(c + SCORE_CHUNK, n - 1), device=h.device)
+                logp = torch.log_softmax(self._logits(h, rows), dim=-1)  # [chunk, V]
+                out += logp.gather(1, targets[c:c + len(rows), None])[:, 0].tolist()
+            scores[i] = out
+        return self._logits(h, step.last_index), scores
+
     def forward(self, step: StepInputs) -> Tensor:
+        return self._logits(self._hidden(step), step.last_index)
+
+    def _logits(self, h: Tensor, index: Tensor) -> Tensor:
+        """Logits [N, V] fp32 of the packed tokens at index [N]: final norm, then the vocabulary."""
+        return self.lm_head(self.final_norm(h[index])).float()
+
+    def _hidden(self, step: StepInputs) -> Tensor:
+        """The decoder layers over the packed tokens: [T, hidden], before the final norm."""
         h = self.embed(step.input_ids)  # [T, hidden]
         cos, sin = self.rotary(h, step.positions[None])  # [1, T, D] each, rope scaling applied
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]
@@ -221,8 +254,7 @@ class ModelRunner:
             up = self._project(x, layer, i, "up_proj", step.lora)
             m = layer.act(gate) * up
             h = h + self._project(m, layer, i, "down_proj", step.lora)
-        h = self.final_norm(h[step.last_index])  # [B, hidden]: only the last token of each sequence
-        return self.lm_head(h).float()  # [B, V]
+        return h
 
     def _project(self, x: Tensor, layer: _Layer, i: int, module: str, lora: LoraBatch | None) -> Tensor:
         """y = x W^T + b, plus each row's LoRA delta (in place). x [T, in] -> [T, out]."""

@@ -1,7 +1,9 @@
-"""Per-row next-token choice: greedy, temperature, top-k, top-p, typical-p, repetition penalty, seed.
+"""Per-row next-token choice: greedy, temperature, top-k, top-p, typical-p, repetition, frequency
+and presence penalties, seed, and each row's logprobs and most likely alternatives.
 
-Semantics follow transformers' logits processors exactly, in `generate`'s order: repetition penalty,
-then (sampling only) temperature, top-k, top-p, typical-p, then a draw from the softmax.
+Semantics follow transformers' logits processors exactly, in LoRAX's order: repetition penalty,
+frequency and presence penalties (LoRAX's own processor), then (sampling only) temperature, top-k,
+top-p, typical-p, then a draw from the softmax.
 
 Reproducibility: every sampled row draws from its own `torch.Generator`, and every op on a sampled
 row runs on that row alone, so a seed gives the same tokens whatever else shares the batch.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,23 +40,42 @@ class SamplingState:
         return cls(params, torch.Generator(device=device).manual_seed(seed), seed)
 
 
+class Sampled(NamedTuple):
+    """One step's choice, per row (`Sampler.sample`)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]  # rows with params.logprobs: the chosen token's
+    alternatives: list[list[tuple[int, float]] | None]  # rows with return_k_alternatives: (id, logprob)
+
+
 class Sampler:
     def sample(
-        self, logits: Tensor, states: Sequence[SamplingState], token_histories: Sequence[Sequence[int]]
-    ) -> tuple[list[int], list[float | None]]:
+        self, logits: Tensor, states: Sequence[SamplingState], token_histories: Sequence[Sequence[int]],
+        bias: Tensor | None = None,
+    ) -> Sampled:
         """Choose one token per row.
 
         logits: [B, V] fp32, the last position of each row; not modified.
-        token_histories: per row, prompt + output ids so far (read only for repetition_penalty).
+        token_histories: per row, prompt + output ids so far (read only for the penalties).
+        bias: [B, V] fp32, the grammar's token mask (engine/grammar.py): 0 for a token the row may
+        choose (every token of a free row), -inf for the others; added after the penalties, where
+        LoRAX applies its schema.
         Returns the token ids and, for rows with params.logprobs, the chosen token's logprob:
-        log_softmax of the logits after repetition penalty and temperature, before top-k/top-p/
-        typical-p filtering (as vLLM and TGI report it), so it measures the model, not the filter.
+        log_softmax of the logits after the penalties and temperature, before top-k/top-p/
+        typical-p filtering (as vLLM reports it), so it measures the model, not the filter; for
+        rows with params.return_k_alternatives, that many (id, logprob) of the same distribution,
+        most likely first (ties: lower id first).
         """
         logits = logits.to(torch.float32, copy=True)  # [B, V]
         for i, (state, history) in enumerate(zip(states, token_histories, strict=True)):
             penalty = state.params.repetition_penalty
             if penalty is not None and penalty != 1.0 and history:
                 apply_repetition_penalty(logits[i], history, penalty)
+            p = state.params
+            if (p.frequency_penalty or p.presence_penalty) and history:
+                apply_frequency_penalties(logits[i], history, p.frequency_penalty, p.presence_penalty)
+        if bias is not None:
+            logits += bias
         temperature = torch.tensor(
             [1.0 if s.params.greedy else s.params.temperature for s in states], device=logits.device
         )
@@ -68,13 +90,21 @@ class Sampler:
                 token_ids[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
 
         logprobs: list[float | None] = [None] * len(states)
-        wanted = [i for i, s in enumerate(states) if s.params.logprobs]
+        alternatives: list[list[tuple[int, float]] | None] = [None] * len(states)
+        wanted = [i for i, s in enumerate(states) if s.params.logprobs or s.params.return_k_alternatives]
         if wanted:
             rows = torch.tensor(wanted, device=logits.device)
-            chosen = torch.log_softmax(logits[rows], dim=-1).gather(1, token_ids[rows, None])  # [W, 1]
-            for i, lp in zip(wanted, chosen[:, 0].tolist(), strict=True):
-                logprobs[i] = lp
-        return token_ids.tolist(), logprobs
+            logp = torch.log_softmax(logits[rows], dim=-1)  # [W, V]
+            chosen = logp.gather(1, token_ids[rows, None])[:, 0].tolist()  # [W]
+            for w, i in enumerate(wanted):
+                params = states[i].params
+                if params.logprobs:
+                    logprobs[i] = chosen[w]
+                if params.return_k_alternatives:
+                    values, ids = torch.sort(logp[w], descending=True, stable=True)  # [V]
+                    k = min(params.return_k_alternatives, logp.shape[1])
+                    alternatives[i] = list(zip(ids[:k].tolist(), values[:k].tolist(), strict=True))
+        return Sampled(token_ids.tolist(), logprobs, alternatives)
 
 
 def apply_repetition_penalty(row: Tensor, history: Sequence[int], penalty: float) -> None:
@@ -84,6 +114,17 @@ def apply_repetition_penalty(row: Tensor, history: Sequence[int], penalty: float
     ids = torch.tensor(sorted({t for t in history if t < row.shape[0]}), dtype=torch.long, device=row.device)
     seen = row[ids]
     row[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+
+
+def apply_frequency_penalties(row: Tensor, history: Sequence[int], frequency: float, presence: float) -> None:
+    """In place on row [V], LoRAX's HeterogeneousFrequencyPenaltyLogitsProcessor for one row: with
+    c[j] the count of id j in the history (prompt + output) and n its length,
+        row[j] -= frequency * c[j] / n + presence * (c[j] > 0)
+    (LoRAX divides by its padded batch width; by the row's own length here, so a row's result does
+    not depend on the batch). Ids >= V are ignored, as for the repetition penalty."""
+    ids = torch.tensor([t for t in history if t < row.shape[0]], dtype=torch.long, device=row.device)
+    counts = torch.bincount(ids, minlength=row.shape[0]).to(row.dtype)  # [V]
+    row -= frequency * counts / len(history) + presence * (counts > 0).to(row.dtype)
 
 
 def warp(row: Tensor, params: SamplingParams) -> Tensor:

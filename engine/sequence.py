@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.lease import Lease
-from engine.request import GenerationRequest, OnFinish, OnToken, TokenEvent
+from engine.request import GenerationRequest, OnFinish, OnToken, ScoredToken, TokenEvent
 
 if TYPE_CHECKING:
     from engine.detokenizer import Detokenizer
+    from engine.grammar import GrammarMatcher
     from engine.sampler import SamplingState
 
 _ids = itertools.count()
@@ -30,6 +31,7 @@ class Sequence:
     num_prompt_tokens: int
     sampling: SamplingState | None = None  # None only in scheduler tests
     detokenizer: Detokenizer | None = None
+    grammar: GrammarMatcher | None = None  # its response_format's matcher: masks the tokens it may choose
     on_token: OnToken | None = None
     on_finish: OnFinish | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
@@ -40,6 +42,7 @@ class Sequence:
     adapter_generation: int = 0  # the adapter version the store held when the request arrived
     adapter_load_ms: float = 0.0  # the load it waited for (set at its first admission)
     events: list[TokenEvent] = field(default_factory=list)  # kept only with params.logprobs
+    prefill: tuple[ScoredToken, ...] | None = None  # its prompt scored (params.prompt_logprobs), once
     finish_reason: str | None = None
     num_preemptions: int = 0
     admitted_at: float | None = None  # time.time() of its first admission

@@ -34,6 +34,10 @@ class SlotTable:
     def num_pinned(self) -> int:
         return sum(s.pins > 0 for s in self._slots)
 
+    def empty(self) -> int | None:
+        """The first slot holding no adapter, or None."""
+        return next((i for i, s in enumerate(self._slots) if s.key is None), None)
+
     def find(self, key: str) -> int | None:
         """The slot holding `key` (some version of it), or None."""
         return self._slot_of.get(key)
@@ -71,9 +75,9 @@ class SlotTable:
         """A slot to load into: an empty one, else the least recently used unpinned one, preferring
         adapters for which `wanted` is False (no request waits for them). Returns (slot, the key
         it held, now forgotten, or None if it was empty); None when every slot is pinned."""
-        for i, s in enumerate(self._slots):
-            if s.key is None:
-                return i, None
+        empty = self.empty()
+        if empty is not None:
+            return empty, None
         idle = [(i, s.key) for i, s in enumerate(self._slots) if s.pins == 0 and s.key is not None]
         if not idle:
             return None

@@ -79,12 +79,14 @@ async def wait_for(predicate, timeout: float, what: str = "condition", interval:
 
 
 class WorkerProcess:
-    """tests/worker_script.py (a worker on the fake engine) as a child process, output collected."""
+    """tests/worker_script.py (a worker on the fake engine) as a child process, output collected;
+    `real=True`: `python -m consumer` (`loraq worker`, the real engine) instead."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], real: bool = False) -> None:
         root = Path(__file__).resolve().parents[1]
+        entry = ["-m", "consumer"] if real else [str(root / "tests" / "worker_script.py")]
         self.proc = subprocess.Popen(
-            [sys.executable, str(root / "tests" / "worker_script.py"), *args],
+            [sys.executable, *entry, *args],
             env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -239,7 +241,7 @@ class App:
 async def delete_topology(topology: Topology) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     try:
-        for name in (topology.queue, topology.dead_queue):
+        for name in (topology.queue, topology.dead_queue, topology.retry_queue):
             channel = await connection.channel()
             try:
                 await channel.queue_delete(name)  # quorum queues refuse if_unused / if_empty

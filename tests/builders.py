@@ -1,7 +1,8 @@
 """Small builders for tests: tiny random base models (Llama, Mistral, Qwen2) saved as HF dirs with
 a byte-level tokenizer and a chat template, PEFT LoRA adapters trained by nobody (random B, so
-every adapter changes the output), a hub-cache stand-in, and a helper that runs requests through
-an engine. Nothing is downloaded. (Engines for tests: the `make_engine` fixture, tests/engine/conftest.py.)"""
+every adapter changes the output), stand-ins of the hub's cache and of the hub itself, and a
+helper that runs requests through an engine. Nothing is downloaded. (Engines for tests: the
+`make_engine` fixture, tests/engine/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -158,6 +159,48 @@ def hub_cache_standin(cache: Path, repo: str, commit: str, files: Path) -> Path:
     (base / "refs").mkdir(exist_ok=True)
     (base / "refs" / "main").write_text(commit)
     return snap
+
+
+class FakeHub:
+    """A stand-in for the Hugging Face hub behind `huggingface_hub.snapshot_download` (tests
+    monkeypatch it with `hub.snapshot_download`): repos of adapter files, private ones readable
+    with their owner's token only. `token=None` is the worker's own login (`worker_token`),
+    `False` no credentials. Like the real function it downloads into `cache_dir` in the hub's
+    cache layout and, when the hub refuses the token (401), falls back to a snapshot already in
+    that cache: the behaviour that makes one shared cache leak private adapters."""
+
+    def __init__(self, worker_token: str | None = None) -> None:
+        self.worker_token = worker_token
+        self.repos: dict[str, tuple[Path, str | None, str]] = {}  # repo -> (files, owner's token, commit)
+        self.calls: list[tuple[str, str | bool | None]] = []  # (repo, token as passed)
+
+    def add(self, repo: str, files: Path, private_to: str | None = None, commit: str = "c" * 40) -> None:
+        self.repos[repo] = (Path(files), private_to, commit)
+
+    def snapshot_download(self, repo_id: str, *, revision: str | None = None, cache_dir, token=None,
+                          local_files_only: bool = False, **_) -> str:
+        import httpx2
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+        self.calls.append((repo_id, token))
+        storage = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+        ref = storage / "refs" / (revision or "main")
+        cached = storage / "snapshots" / (ref.read_text() if ref.is_file() else revision or "-")
+        if local_files_only:
+            if cached.is_dir():
+                return str(cached)
+            raise LocalEntryNotFoundError("not in the cache, and offline")
+        files, owner, commit = self.repos.get(repo_id, (None, None, ""))
+        sent = self.worker_token if token is None else (None if token is False else token)
+        if files is not None and (owner is None or sent == owner):
+            snap = storage / "snapshots" / commit
+            if not snap.is_dir():
+                hub_cache_standin(cache_dir, repo_id, commit, files)
+            return str(snap)
+        if cached.is_dir():  # refused, but cached: snapshot_download serves the cache
+            return str(cached)
+        response = httpx2.Response(401, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise RepositoryNotFoundError("401: repository not found or not accessible", response=response)
 
 
 def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict:

@@ -3,7 +3,10 @@
 Like the real engine it runs steps on its own thread and calls back from there; each step gives
 every running request one token. The output is a pure function of (adapter, prompt), so a test
 knows every reply in advance: `expected_text`. Per-adapter knobs: a slow first step (`slow`), a
-failure instead of a run (`fail`)."""
+failure instead of a run (`fail`, for the first `fail_times[adapter]` runs only when given; its
+message quotes the job's api_token, as a careless hub client's error would). Like the
+engine it reports `heartbeat_age_s` (seconds since its step loop last went round) and ends a running
+request whose deadline passed with `deadline_exceeded`, freeing its row."""
 
 from __future__ import annotations
 
@@ -58,12 +61,16 @@ class _Run:
 class FakeEngine:
     def __init__(self, *, step_s: float = 0.001, max_batch: int = 32,
                  slow: dict[str | None, float] | None = None,
-                 fail: dict[str | None, EngineError] | None = None) -> None:
+                 fail: dict[str | None, EngineError] | None = None,
+                 fail_times: dict[str | None, int] | None = None) -> None:
         self.step_s = step_s
         self.max_batch = max_batch
         self.slow = dict(slow or {})  # adapter id -> seconds its first step takes
         self.fail = dict(fail or {})  # adapter id -> error instead of a run
+        self.fail_times = dict(fail_times or {})  # adapter id -> runs that fail (absent: all)
         self.submitted: list[str] = []  # request ids, in submission order
+        self.submitted_at: list[tuple[str, float]] = []  # (request id, time.monotonic())
+        self.requests: list[GenerationRequest] = []  # every request, as submitted
         self.prefetched: list[str] = []  # AdapterRef.key
         self.released_prefetches: list[str] = []  # AdapterRef.key
         self.batches: list[tuple[str | None, ...]] = []  # adapters of every step with rows
@@ -77,6 +84,7 @@ class FakeEngine:
         self._steps = 0
         self._seen: set[str] = set()  # adapters used so far: their first use is a cache miss
         self._hits = 0
+        self._beat = time.monotonic()  # the step loop's last time round
         self._thread = threading.Thread(target=self._loop, name="fake-engine", daemon=True)
         self._thread.start()
 
@@ -85,8 +93,11 @@ class FakeEngine:
         runs = [_Run(request, on_token, on_finish,
                      full_output(request.adapter.id if request.adapter else None, prompt_text(request)))
                 for request, on_token, on_finish in jobs]
+        now = time.monotonic()
         with self._lock:
             self.submitted.extend(run.request.id for run in runs)
+            self.submitted_at.extend((run.request.id, now) for run in runs)
+            self.requests.extend(run.request for run in runs)
             self._waiting.extend(runs)
         self._wake.set()
 
@@ -118,7 +129,7 @@ class FakeEngine:
     def stats(self) -> dict:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting),
-                    "steps": self._steps,
+                    "steps": self._steps, "heartbeat_age_s": time.monotonic() - self._beat,
                     "adapters": {"device": {"hits": self._hits, "misses": len(self._seen)}}}
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -134,6 +145,7 @@ class FakeEngine:
     # ---- the step thread ----
     def _loop(self) -> None:
         while not self._stop:
+            self._beat = time.monotonic()
             admitted = self._admit()
             if not self._running:
                 self._wake.wait(0.05)
@@ -142,6 +154,23 @@ class FakeEngine:
             delay = max([self.slow.get(self._adapter(r), 0.0) for r in admitted] + [self.step_s])
             time.sleep(delay)
             self._step()
+
+    @staticmethod
+    def _leaky(run: _Run, error: EngineError) -> EngineError:
+        """The error as a careless hub client would word it: quoting the job's api_token."""
+        token = run.request.adapter.api_token if run.request.adapter else None
+        if not token:
+            return error
+        return EngineError(error.type, f"{error.message} (token {token})", error.retryable)
+
+    def _fails(self, adapter: str | None) -> bool:
+        """Under the lock: whether this run of `adapter` fails (counting down fail_times)."""
+        if adapter not in self.fail:
+            return False
+        if adapter not in self.fail_times:
+            return True
+        self.fail_times[adapter] -= 1
+        return self.fail_times[adapter] >= 0
 
     @staticmethod
     def _adapter(run: _Run) -> str | None:
@@ -156,8 +185,8 @@ class FakeEngine:
                 req = run.request
                 if req.deadline is not None and now >= req.deadline:
                     failed.append((run, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline")))
-                elif self._adapter(run) in self.fail:
-                    failed.append((run, self.fail[self._adapter(run)]))
+                elif self._fails(self._adapter(run)):
+                    failed.append((run, self._leaky(run, self.fail[self._adapter(run)])))
                 else:
                     key = self._adapter(run)
                     if key is not None:
@@ -177,6 +206,11 @@ class FakeEngine:
         for run in cancelled:
             self._running.remove(run)
             run.on_finish(GenerationFailure(run.request.id, EngineError(ErrorType.INTERNAL, "cancelled")))
+        wall = time.time()
+        for run in [r for r in self._running if r.request.deadline is not None and wall >= r.request.deadline]:
+            self._running.remove(run)  # its row is free before this step
+            run.on_finish(GenerationFailure(run.request.id, EngineError(
+                ErrorType.DEADLINE_EXCEEDED, "passed its deadline while running")))
         self._steps += 1
         self.batches.append(tuple(self._adapter(r) for r in self._running))
         now = time.time()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from consumer.logging import redact_url
 from consumer.protocol import Topology
 
 SHARED = "LORAQ_"
@@ -79,7 +79,7 @@ class GatewaySettings:
 
     def redacted_url(self) -> str:
         """amqp_url without its password, for logs."""
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.amqp_url)
+        return redact_url(self.amqp_url)
 
     def load_tokens(self, env: Mapping[str, str] | None = None) -> frozenset[str]:
         """Bearer tokens from TOKENS_ENV (comma-separated) and `tokens_file` (one per line, blank

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -52,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Responder:
     """Answers jobs like a worker would. The prompt picks the behaviour:
-    `error:<type>` an error reply; `silent` nothing; `dup` every reply twice (tokens and result);
+    `error:<type>` an error reply; `silent` nothing; `twice` nothing the first time that job id
+    comes; `dup` every reply twice (tokens and result);
     `stray` a result for an unknown correlation id first; anything else: the prompt upper-cased,
     streamed one character per token when the job asks for it."""
 
@@ -89,7 +93,7 @@ class Responder:
             self.properties.append(message)
             prompt = job.inputs if job.inputs is not None else job.messages[-1]["content"]
             times = 2 if prompt == "dup" else 1
-            if prompt == "silent":
+            if prompt == "silent" or prompt == "twice" and sum(j.id == job.id for j in self.jobs) < 2:
                 return
             if prompt.startswith("error:"):
                 error_type = prompt.split(":", 1)[1]
@@ -243,6 +247,60 @@ async def test_not_connected():
         await Client(URL).generate("hi")
 
 
+async def test_the_timeout_is_the_jobs_deadline_by_default(client, responder):
+    """A caller that stops waiting stops the work: the job carries its timeout as x-deadline-ms."""
+    before = time.time() * 1000
+    assert (await client.generate("a", timeout=4.0)).generated_text == "A"
+    assert (await client.generate("b", timeout=4.0, deadline=30.0)).generated_text == "B"
+    items = [i async for i in client.generate_stream("c", timeout=4.0)]
+    assert items[-1].generated_text == "C"
+    a, b, c = (j.deadline_ms for j in responder.jobs)
+    assert before + 3_000 < a < time.time() * 1000 + 4_000
+    assert b > before + 29_000
+    assert before + 3_000 < c < time.time() * 1000 + 4_000
+
+
+async def test_several_broker_urls(topology, responder):
+    """A comma-separated string or a list; a node that does not answer is skipped."""
+    dead = "amqp://guest:guest@127.0.0.1:1/"
+    for urls in (f"{dead},{URL}", [dead, URL]):
+        async with Client(urls, topology=topology, timeout=5.0) as client:
+            assert (await client.generate("nodes")).generated_text == "NODES"
+            assert client._connection.current_url == "amqp://guest:***@127.0.0.1:5672/"
+
+
+def client_connection(pid: int) -> str:
+    """The broker's id of this process's Client connection (named loraq-client@host:pid)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        erlang_pid, _, props = line.partition("\t")
+        if "loraq-client@" in props and f':{pid}"' in props:
+            return erlang_pid
+    raise AssertionError(f"no client connection of pid {pid}")
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
+async def test_a_lost_connection_republishes_waiting_jobs(topology, responder):
+    """Replies sent while the client was away are lost with its reply queue: after reconnecting
+    it publishes every waiting job again (same job id), and the job is answered then."""
+    async with Client(URL + "?reconnect_interval=0.3", topology=topology, timeout=20.0) as client:
+        task = asyncio.create_task(client.generate("twice", job_id="again"))
+        await wait_until(lambda: len(responder.jobs) == 1)
+        connection = await asyncio.to_thread(client_connection, os.getpid())
+        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "close_connection", connection,
+                                                 "client test"], check=True, capture_output=True)
+        assert (await task).generated_text == "TWICE"
+    assert [j.id for j in responder.jobs] == ["again", "again"]
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
 async def test_close_fails_in_flight_jobs(client, responder):
     task = asyncio.create_task(client.generate("silent", timeout=10))
     while not responder.jobs:
@@ -356,9 +414,11 @@ async def test_cli_health(healthy, capsys):
     port = await server.start("127.0.0.1", 0)
     try:
         rc = await asyncio.to_thread(cli.main, ["health", "--port", str(port)])
+        live = await asyncio.to_thread(cli.main, ["health", "--live", "--port", str(port)])
     finally:
         await server.close()
     assert rc == (0 if healthy else 1)
+    assert live == 0  # alive, ready or not
     assert await asyncio.to_thread(cli.main, ["health", "--port", str(port)]) == 1  # closed
 
 

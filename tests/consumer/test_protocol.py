@@ -21,7 +21,7 @@ from consumer.protocol import (
     encode,
     encode_job,
 )
-from engine.request import SamplingParams, Timings
+from engine.request import SamplingParams, ScoredToken, Timings
 
 LIMITS = Limits()
 
@@ -105,7 +105,7 @@ BAD = [
     ("max_new_tokens float", {"inputs": "x", "parameters": {"max_new_tokens": 5.5}}, JSON),
     ("max_new_tokens zero", {"inputs": "x", "parameters": {"max_new_tokens": 0}}, MSGPACK),
     ("max_new_tokens over limit", {"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, MSGPACK),
-    ("temperature zero", {"inputs": "x", "parameters": {"temperature": 0}}, MSGPACK),
+    ("temperature negative", {"inputs": "x", "parameters": {"temperature": -0.5}}, MSGPACK),
     ("temperature nan", {"inputs": "x", "parameters": {"temperature": float("nan")}}, MSGPACK),
     ("temperature string", {"inputs": "x", "parameters": {"temperature": "hot"}}, MSGPACK),
     ("temperature infinite", {"inputs": "x", "parameters": {"temperature": float("inf")}}, MSGPACK),
@@ -145,7 +145,7 @@ def test_bad_jobs_are_validation_errors(name, body, ct):
 @pytest.mark.parametrize("parameters,message", [
     ({"max_new_tokens": 0}, "parameters.max_new_tokens must be >= 1"),
     ({"max_new_tokens": 10**6}, "parameters.max_new_tokens must be in 1..4096"),
-    ({"temperature": 0}, "parameters.temperature must be finite and > 0"),
+    ({"temperature": -1}, "parameters.temperature must be finite and >= 0 (0: greedy)"),
     ({"temperature": "hot"}, "parameters.temperature must be number, got str"),
     ({"top_k": 0}, "parameters.top_k must be >= 1"),
     ({"top_p": 1.5}, "parameters.top_p must be in (0, 1]"),
@@ -160,7 +160,7 @@ def test_parameter_errors_name_the_field(parameters, message):
 
 
 def test_sampling_params_check_their_values_themselves():
-    with pytest.raises(ValueError, match="^temperature must be finite and > 0$"):
+    with pytest.raises(ValueError, match=r"^temperature must be finite and >= 0 \(0: greedy\)$"):
         SamplingParams(temperature=float("nan"))
     with pytest.raises(ValueError, match="^seed "):
         SamplingParams(seed=2**64)
@@ -216,10 +216,12 @@ RESULT = protocol.GenerationResult(
 def test_replies_on_the_wire():
     assert RESULT.to_wire() == {
         "v": 1, "id": "j", "generated_text": "out", "adapter_id": "a",
-        "details": {"finish_reason": "length", "prompt_tokens": 3, "generated_tokens": 2, "seed": None},
+        "details": {"finish_reason": "length", "prompt_tokens": 3, "generated_tokens": 2, "seed": None,
+                    "skipped_tokens": 0, "prefill": [], "tokens": []},
         "timings": {"queue_ms": 1.235, "adapter_load_ms": 0.0, "ttft_ms": 2.0, "total_ms": 3.0}}
     t = protocol.TokenReply("j", protocol.Token(0, 5, "a", None))
-    assert t.to_wire() == {"v": 1, "id": "j", "index": 0, "token": {"id": 5, "text": "a", "logprob": None}}
+    assert t.to_wire() == {"v": 1, "id": "j", "index": 0, "token": {"id": 5, "text": "a", "logprob": None,
+                                                                   "special": False, "skipped": False}}
     e = protocol.ErrorReply(None, "nonsense", "boom")
     assert e.to_wire() == {"v": 1, "id": None, "error": "boom", "error_type": "internal", "retryable": False}
 
@@ -233,7 +235,7 @@ def test_replies_round_trip(ct):
     for reply in replies:
         assert decode_reply(encode(reply.to_wire(), ct), ct, reply.KIND) == reply
     back = decode_reply(encode(RESULT.to_wire(), ct), ct, "result")
-    assert back.timings.queue_ms == 1.235 and back.details.tokens is None
+    assert back.timings.queue_ms == 1.235 and back.details.tokens == () and back.details.prefill == ()
 
 
 def test_malformed_replies():
@@ -275,3 +277,144 @@ def test_error_types_are_the_protocols() -> None:
     """The engine's ErrorType, which the wire's error_type strings come from, is protocol v1's list."""
     assert protocol.ERROR_TYPES == ("validation", "adapter_not_found", "adapter_invalid",
                                     "prompt_too_long", "deadline_exceeded", "overloaded", "internal")
+
+
+# ---- LoRAX's generate parameters (issue 13; docs/lorax.md) -----------------------------------------
+
+# router/src/lib.rs GenerateParameters, every field (`merged_adapters` is its adapter_parameters)
+LORAX_FIELDS = ("adapter_id", "adapter_source", "merged_adapters", "api_token", "best_of", "temperature",
+                "repetition_penalty", "frequency_penalty", "presence_penalty", "top_k", "top_p", "typical_p",
+                "do_sample", "max_new_tokens", "ignore_eos_token", "return_full_text", "stop", "truncate",
+                "watermark", "details", "decoder_input_details", "return_k_alternatives",
+                "apply_chat_template", "seed", "response_format")
+OWN_PARSERS = ("merged_adapters", "response_format")  # parsed by their own code (issue 13 points 2, 3)
+
+
+def params_of(parameters: dict, **body) -> protocol.Parameters:
+    return job({"inputs": "x", "parameters": parameters, **body}).parameters
+
+
+def test_every_lorax_field_is_carried():
+    assert set(LORAX_FIELDS) - set(OWN_PARSERS) <= set(protocol.PARAMETER_NAMES)
+
+
+@pytest.mark.parametrize("v", [None, 1])
+def test_temperature_zero_is_greedy(v):
+    extra = {} if v is None else {"v": v}
+    for parameters in ({"temperature": 0}, {"temperature": 0.0, "do_sample": True, "top_k": 5}):
+        s = params_of(parameters, **extra).sampling
+        assert s.temperature == 0.0 and s.greedy
+
+
+@pytest.mark.parametrize("parameters,samples", [
+    ({}, False), ({"temperature": 1.0}, False), ({"temperature": 0.7}, True), ({"top_k": 5}, True),
+    ({"top_p": 0.9}, True), ({"top_p": 1.0}, False), ({"typical_p": 0.5}, True), ({"typical_p": 1.0}, False),
+    ({"do_sample": True}, True), ({"do_sample": False, "temperature": 1.3}, True),
+    ({"do_sample": True, "temperature": 0}, False), ({"repetition_penalty": 1.2}, False),
+])
+def test_lorax_sampling_rule_without_v(parameters, samples):
+    """A body without `v` is LoRAX's: it samples whenever a warper is set (lorax_server tokens.py)."""
+    assert params_of(parameters).sampling.greedy is not samples
+    # v1 keeps its rule: do_sample alone switches sampling on (temperature 0 is greedy in both)
+    assert params_of(parameters, v=1).sampling.greedy is not (
+        bool(parameters.get("do_sample")) and parameters.get("temperature") != 0)
+
+
+def test_max_new_tokens_default_per_dialect():
+    assert params_of({}, v=1).sampling.max_new_tokens == 64
+    # LoRAX: as many as the context allows; the worker's limit (the engine stops at the context's end)
+    assert params_of({}).sampling.max_new_tokens == LIMITS.max_new_tokens
+    assert params_of({"max_new_tokens": 5}).sampling.max_new_tokens == 5
+
+
+def test_lorax_fields_map_onto_the_request():
+    p = params_of({"truncate": 12, "ignore_eos_token": True, "decoder_input_details": True,
+                   "return_k_alternatives": 3, "best_of": 2, "do_sample": True, "frequency_penalty": 0.5,
+                   "presence_penalty": -1.5, "stop": ["\n"], "watermark": False, "return_full_text": True,
+                   "apply_chat_template": False})
+    s = p.sampling
+    assert p.truncate == 12 and s.ignore_eos and s.prompt_logprobs and p.decoder_input_details
+    assert s.logprobs and p.details  # LoRAX answers decoder_input_details with the whole details
+    assert (s.return_k_alternatives, s.best_of, s.frequency_penalty, s.presence_penalty) == (3, 2, 0.5, -1.5)
+    assert s.stop == ("\n",) and p.return_full_text and s.seed is None
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ({"watermark": True}, "parameters.watermark is not supported"),
+    ({"watermark": "yes"}, "parameters.watermark must be bool"),
+    ({"truncate": 0}, "parameters.truncate must be >= 1"),
+    ({"truncate": 1.5}, "parameters.truncate must be int"),
+    ({"best_of": 2}, "parameters.best_of > 1 needs sampling"),
+    ({"best_of": 2, "temperature": 0, "do_sample": True}, "parameters.best_of > 1 needs sampling"),
+    ({"best_of": 2, "do_sample": True, "seed": 3}, "parameters.seed must not be set when best_of > 1"),
+    ({"best_of": 0}, "parameters.best_of must be >= 1"),
+    ({"best_of": protocol.MAX_BEST_OF + 1, "do_sample": True}, "parameters.best_of must be in 1.."),
+    ({"frequency_penalty": 2.5}, "parameters.frequency_penalty must be in [-2, 2]"),
+    ({"presence_penalty": -3}, "parameters.presence_penalty must be in [-2, 2]"),
+    ({"return_k_alternatives": -1}, "parameters.return_k_alternatives must be >= 0"),
+    ({"return_k_alternatives": protocol.MAX_K_ALTERNATIVES + 1}, "parameters.return_k_alternatives must be in"),
+    ({"ignore_eos_token": 1}, "parameters.ignore_eos_token must be bool"),
+    ({"decoder_input_details": "true"}, "parameters.decoder_input_details must be bool"),
+    ({"adapter_source": "s3"}, "parameters.adapter_source must be one of"),
+])
+def test_lorax_field_errors_name_the_field(parameters, message):
+    for body in ({"inputs": "x", "parameters": parameters}, {"v": 1, "inputs": "x", "parameters": parameters}):
+        e = error_of(body)
+        assert e.error_type == protocol.VALIDATION and e.message.startswith(message), e.message
+
+
+def test_best_of_refused_with_stream():
+    e = error_of({"inputs": "x", "stream": True, "parameters": {"best_of": 2, "do_sample": True}})
+    assert e.message == "parameters.best_of > 1 is not supported with stream: true"
+
+
+def test_apply_chat_template_reads_inputs_as_messages():
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    import json as _json
+    j = job({"inputs": _json.dumps(chat), "parameters": {"apply_chat_template": True}})
+    assert j.inputs is None and list(j.messages) == chat
+    for body, message in [
+        ({"inputs": "not json", "parameters": {"apply_chat_template": True}}, "parameters.apply_chat_template: "),
+        ({"inputs": '{"role": "user"}', "parameters": {"apply_chat_template": True}}, "messages must be"),
+        ({"messages": chat, "parameters": {"apply_chat_template": True}}, "parameters.apply_chat_template needs"),
+        ({"inputs": _json.dumps(chat), "parameters": {"apply_chat_template": True, "return_full_text": True}},
+         "parameters.return_full_text needs inputs"),
+    ]:
+        assert error_of(body).message.startswith(message)
+
+
+def test_result_reply_parses_with_lorax_client_types():
+    """Every reply shape LoRAX's own client reads (lorax.types): tokens with special/skipped and
+    alternatives, prefill with a null first logprob, skipped_tokens, best_of_sequences."""
+    lorax_types = pytest.importorskip("lorax.types")
+    alt = (ScoredToken(5, "a", -0.1), ScoredToken(6, "b", -2.0))
+    tokens = (protocol.Token(0, 5, "a", -0.1, special=False, alternative_tokens=alt),
+              protocol.Token(1, 2, "", -0.5, special=True))
+    prefill = (ScoredToken(1, "<s>", None), ScoredToken(7, "x", -3.25))
+    other = protocol.BestOfSequence("b", "length", 1, seed=9, prefill=prefill, tokens=tokens[:1])
+    result = dataclasses.replace(RESULT, details=protocol.Details(
+        finish_reason="eos_token", prompt_tokens=2, generated_tokens=2, seed=8, tokens=tokens,
+        prefill=prefill, best_of_sequences=(other,)))
+    for ct in (MSGPACK, JSON):
+        wire = protocol.decode(encode(result.to_wire(), ct), ct)
+        r = lorax_types.Response(**wire)
+        d = r.details
+        assert r.generated_text == "out" and d.finish_reason == "eos_token"
+        assert wire["details"]["skipped_tokens"] == 0  # LoRAX's router has it; lorax-client 0.6 ignores it
+        assert [t.special for t in d.tokens] == [False, True]
+        assert not any(t["skipped"] for t in wire["details"]["tokens"])
+        assert [a.id for a in d.tokens[0].alternative_tokens] == [5, 6] and d.tokens[1].alternative_tokens is None
+        assert d.prefill[0].logprob is None and d.prefill[1].logprob == -3.25 and d.seed == 8
+        assert d.best_of_sequences[0].generated_text == "b" and d.best_of_sequences[0].seed == 9
+        assert decode_reply(encode(result.to_wire(), ct), ct, "result").details == result.details
+    stream = protocol.TokenReply("j", tokens[0]).to_wire()["token"]
+    assert lorax_types.Token(**stream).alternative_tokens[1].text == "b"
+
+
+def test_docs_table_lists_every_lorax_field():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "lorax.md").read_text()
+    table = docs.split("## Request: `parameters`", 1)[1].split("\n\n")[1]
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
+    assert rows == list(LORAX_FIELDS)

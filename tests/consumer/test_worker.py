@@ -5,23 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import json
+import logging
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import msgpack
 import pytest
+import structlog
 
 from consumer import protocol
+from consumer.logging import configure_logging
 from consumer.protocol import JSON, MSGPACK, Limits, Topology
 from consumer.settings import WorkerSettings
 from consumer.worker import Worker
 from engine.config import EngineConfig
 from engine.request import EngineError, ErrorType
-from tests.amqp_helpers import AMQP_URL, WorkerProcess, require_affinity, wait_for, worker_args, worker_settings
+from tests.amqp_helpers import (
+    AMQP_URL,
+    App,
+    WorkerProcess,
+    delete_topology,
+    require_affinity,
+    unique_topology,
+    wait_for,
+    worker_args,
+    worker_settings,
+)
 from tests.fake_engine import FakeEngine, expected_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +53,7 @@ async def make_worker(topology):
         worker = Worker(worker_settings(topology, **overrides), engine)
         task = asyncio.create_task(worker.run())
         started.append((worker, task, engine))
-        await wait_for(lambda: worker.healthy() or task.done(), 10, "worker start")
+        await wait_for(lambda: worker.ready() or task.done(), 10, "worker start")
         if task.done():
             task.result()
         return worker
@@ -65,7 +81,7 @@ async def test_job_gets_result_in_its_content_type(make_worker, app, ct):
     assert body["generated_text"] == expected_text("hello", "acme/bot")
     assert body["details"]["finish_reason"] == "eos_token"
     assert body["details"]["generated_tokens"] == len(body["generated_text"])
-    assert "tokens" not in body["details"]
+    assert body["details"]["tokens"] == []  # listed only with details: true
     assert set(body["timings"]) == {"queue_ms", "adapter_load_ms", "ttft_ms", "total_ms"}
 
 
@@ -213,7 +229,7 @@ async def test_heartbeats_and_intake_survive_a_slow_engine_step(make_worker, app
     await app.wait(slow, timeout=10)
     await app.wait(good, timeout=10)
     assert app.final(good)[1]["generated_text"] == expected_text("queued behind")
-    assert worker.healthy()
+    assert worker.ready()
     assert worker.metrics.reconnects._value.get() == 0  # the connection never dropped
 
 
@@ -260,10 +276,10 @@ async def test_deadlines(make_worker, app):
     assert app.final(waits)[1]["error_type"] == "deadline_exceeded"
 
 
-async def test_retryable_failure_requeued_then_dead_lettered_with_reason(make_worker, app, topology):
+async def test_retryable_failure_retried_then_dead_lettered_with_reason(make_worker, app, topology):
     engine = FakeEngine(fail={"flaky": EngineError(ErrorType.INTERNAL, "CUDA out of memory",
                                                    retryable=True)})
-    await make_worker(engine)
+    await make_worker(engine, retry_delay_s=0.05)
     cid = await app.publish(inputs="x", parameters={"adapter_id": "flaky"}, message_id="poison")
     ok = await app.publish(inputs="fine")
     await app.wait(cid, timeout=15)
@@ -278,6 +294,127 @@ async def test_retryable_failure_requeued_then_dead_lettered_with_reason(make_wo
     assert app.final(ok)[0] == "result"
 
 
+async def test_retries_back_off_through_the_retry_queue(app):
+    """A job that keeps failing retryably runs delivery_limit + 1 times, each retry after twice the
+    delay of the one before (the retry queue's per-message TTL), and is dead-lettered with its
+    reason; one that fails twice and then runs gets its result. The gaps are measured on the real
+    broker (printed; asserted only as lower bounds: the broker never delivers a copy early)."""
+    topology = unique_topology(delivery_limit=4)
+    poison = EngineError(ErrorType.INTERNAL, "adapter store down", retryable=True)
+    engine = FakeEngine(fail={"poison": poison, "flaky": poison}, fail_times={"flaky": 2})
+    worker = Worker(worker_settings(topology, retry_delay_s=0.2, retry_max_delay_s=1.0), engine)
+    await worker.start()
+    try:
+        a = await App(topology).open()
+        try:
+            bad = await a.publish(inputs="x", parameters={"adapter_id": "poison"}, message_id="poison")
+            flaky = await a.publish(inputs="y", parameters={"adapter_id": "flaky"}, message_id="flaky")
+            await a.wait(bad, timeout=20)
+            await a.wait(flaky, timeout=20)
+            kind, body = a.final(bad)
+            assert kind == "error" and "adapter store down (gave up after 5 deliveries)" in body["error"]
+            (dead,) = await a.dead(1)
+            assert dead.message_id == "poison" and dead.headers[protocol.HEADER_ERROR_CODE] == "internal"
+            assert a.final(flaky)[0] == "result"
+            assert a.final(flaky)[1]["generated_text"] == expected_text("y", "flaky")
+            assert await a.queue_depth(topology.retry_queue) == 0
+        finally:
+            await a.close()
+    finally:
+        await worker.drain()
+        engine.shutdown(2)
+        await delete_topology(topology)
+    runs = [t for job, t in engine.submitted_at if job == "poison"]
+    gaps = [round(b - a, 3) for a, b in zip(runs, runs[1:], strict=False)]
+    print(f"\npoison job: {len(runs)} runs, gaps between runs (s) {gaps}; expected delays "
+          f"{[worker.settings.backoff.delay_s(n) for n in range(1, 5)]}")
+    assert len(runs) == topology.delivery_limit + 1
+    for n, gap in enumerate(gaps, start=1):
+        assert gap >= worker.settings.backoff.delay_s(n) - 0.02, gaps
+    assert [job for job, _ in engine.submitted_at].count("flaky") == 3
+
+
+async def test_a_retried_job_keeps_its_own_deadline(make_worker, app, topology):
+    """The copy back from the retry queue carries the retry queue's death record, whose
+    original-expiration is the retry delay: it must not become the job's deadline. Its real
+    deadline (x-deadline-ms or its TTL) travels with it, and still holds."""
+    flaky = EngineError(ErrorType.INTERNAL, "flaky", retryable=True)
+    engine = FakeEngine(step_s=0.02, fail={"flaky": flaky, "late": flaky}, fail_times={"flaky": 1})
+    await make_worker(engine, retry_delay_s=0.25)
+    no_deadline = await app.publish(inputs="runs long after its retry " * 2,
+                                    parameters={"adapter_id": "flaky", "max_new_tokens": 40})
+    ttl = await app.publish(inputs="has a TTL", parameters={"adapter_id": "late"}, expiration=0.6)
+    await app.wait(no_deadline, timeout=10)
+    assert app.final(no_deadline)[0] == "result"  # ~0.8 s of steps after a 0.25 s retry delay
+    assert [r.deadline for r in engine.requests if r.id == no_deadline] == [None, None]
+    await app.wait(ttl, timeout=10)
+    kind, body = app.final(ttl)
+    assert kind == "error" and body["error_type"] == "deadline_exceeded"  # its TTL, across retries
+    retried = [r for r in engine.requests if r.id == ttl]
+    assert len(retried) >= 2 and len({r.deadline for r in retried}) == 1
+
+
+async def test_deadline_passing_mid_generation_stops_the_row(make_worker, app):
+    """A running job whose deadline passes is ended by the engine (its row freed) and answered
+    with deadline_exceeded, dead-lettered; the tokens streamed before it stand."""
+    engine = FakeEngine(step_s=0.05)
+    await make_worker(engine)
+    cid = await app.publish(inputs="a long answer " * 4, stream=True, parameters={"max_new_tokens": 60},
+                            headers={"x-deadline-ms": int(time.time() * 1000) + 400})
+    replies = await app.wait(cid, timeout=10)
+    assert 1 <= sum(m.type == "token" for m in replies) < 60
+    kind, body = app.final(cid)
+    assert kind == "error" and body["error_type"] == "deadline_exceeded"
+    (dead,) = await app.dead(1)
+    assert dead.headers[protocol.HEADER_ERROR_CODE] == "deadline_exceeded"
+    assert engine.stats()["running"] == 0
+
+
+async def test_api_token_never_leaves_the_worker(make_worker, app, topology):
+    """Not in logs, metrics, the result cache, error replies nor dead letters: an engine error
+    that quotes the token is scrubbed, and the dead-letter copy is re-encoded without it (in its
+    own content type); a body that cannot be decoded has no readable token and is kept as is."""
+    token = "hf_SECRET_" + uuid.uuid4().hex
+    engine = FakeEngine(fail={"private": EngineError(ErrorType.ADAPTER_NOT_FOUND,
+                                                     f"401 Unauthorized for token {token}")})
+    buffer = io.StringIO()
+    configure_logging("debug", buffer)
+    try:
+        worker = await make_worker(engine)
+        params = {"adapter_id": "private", "adapter_source": "local", "api_token": token}
+        jobs = [await app.publish(ct, inputs="hi", parameters=params) for ct in (MSGPACK, JSON)]
+        too_big = {**params, "max_new_tokens": 10**6}
+        jobs.append(await app.publish_raw(msgpack.packb({"inputs": "x", "parameters": too_big}), MSGPACK))
+        jobs.append(await app.publish_raw(json.dumps({"inputs": "x", "parameters": too_big}).encode(), JSON))
+        garbled = b"\xc1" + token.encode()
+        jobs.append(await app.publish_raw(garbled, MSGPACK))
+        ok = await app.publish(inputs="fine", parameters={"api_token": token})
+        for cid in [*jobs, ok]:
+            await app.wait(cid)
+        dead = {m.correlation_id: m for m in await app.dead(len(jobs))}
+        metrics = worker.metrics.render().decode()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert app.final(ok)[0] == "result"
+    for cid in jobs[:4]:
+        kind, body = app.final(cid)
+        assert kind == "error" and token not in json.dumps(body)
+        m = dead[cid]
+        assert token.encode() not in m.body and token not in str(m.headers)
+        parsed = protocol.decode(m.body, m.content_type)
+        assert parsed["inputs"] in ("hi", "x") and "api_token" not in parsed["parameters"]
+        assert parsed["parameters"]["adapter_id"] == "private"
+    assert "***" in app.final(jobs[0])[1]["error"]
+    assert dead[jobs[4]].body == garbled  # undecodable: nothing to strip, kept for inspection
+    cached = [worker.cache.get(c) for c in jobs[:2]]
+    assert all(c is not None for c in cached) and token not in repr(cached)
+    assert token not in metrics
+    logs = buffer.getvalue()
+    assert "job_failed" in logs and "401 Unauthorized for token ***" in logs
+    assert token not in logs
+
+
 async def test_drain_cancels_what_outlives_the_grace_period(app, topology):
     """A job still running when the grace period ends is cancelled on the engine and left
     unacked: it goes back to the queue for the next worker, unanswered."""
@@ -290,7 +427,7 @@ async def test_drain_cancels_what_outlives_the_grace_period(app, topology):
     finally:
         await worker.drain()
     assert engine.cancelled == [cid]
-    assert cid not in app.replies
+    assert cid not in app.replies  # returned to the queue (nack), not answered
     for _ in range(50):
         if await app.queue_depth(topology.queue) == 1:
             break
@@ -313,8 +450,9 @@ async def test_health_and_metrics_endpoints(make_worker, app):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
             return r.status, r.read().decode()
 
-    status, _ = await asyncio.to_thread(get, "/healthz")
-    assert status == 200
+    for path in ("/healthz", "/readyz", "/livez"):
+        status, _ = await asyncio.to_thread(get, path)
+        assert status == 200, path
     _, text = await asyncio.to_thread(get, "/metrics")
     for name in ("loraq_jobs_received_total", "loraq_ttft_seconds_bucket",
                  "loraq_queue_wait_seconds_bucket", "loraq_job_tokens_per_second_bucket",
@@ -325,7 +463,7 @@ async def test_health_and_metrics_endpoints(make_worker, app):
                                                   "--port", str(port)], capture_output=True)
     assert rc.returncode == 0
     worker.stop()
-    await wait_for(lambda: not worker.healthy(), 5, "unhealthy after stop")
+    await wait_for(lambda: not worker.ready(), 5, "not ready after stop")
 
 
 # ---- adapter affinity (the routing; tests/test_faults.py runs it with worker processes) ----------

@@ -46,8 +46,7 @@ def make_weights(spec: ModelSpec, rank: int, modules=ATTN, seed: int = 0, dtype=
             fan_in, fan_out = spec.module_shapes[m]
             out[(layer, m)] = ((torch.randn(fan_in, rank, generator=g) * std).to(dtype),
                                (torch.randn(rank, fan_out, generator=g) * std).to(dtype))
-    nbytes = sum(a.nbytes + b.nbytes for a, b in out.values())
-    return AdapterWeights(f"w{seed}", rank, out, nbytes)
+    return AdapterWeights.from_modules(f"w{seed}", out)
 
 
 def filled_slots(spec: ModelSpec, dtype: torch.dtype, device: str = "cpu", num_slots: int = 6,

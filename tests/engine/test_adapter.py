@@ -10,10 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.adapter import load_peft_adapter
+from engine.adapter import AdapterWeights, load_peft_adapter
+from engine.config import LORA_MODULES
+from engine.lora_slots import LoraSlots
 from engine.model_loader import ModelSpec
 from engine.request import EngineError, ErrorType
 from tests.builders import make_adapter, make_tiny_model, model_spec
+from tests.engine.lora_reference import ATTN, make_spec, make_weights
 
 KEY = "base_model.model.model.layers.{}.{}.{}.lora_{}.weight"
 
@@ -232,3 +235,125 @@ def test_pickle_needs_opt_in(model, plain, tmp_path):
 
     (d / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
     refused(d, spec, "adapter_model.bin", "unreadable", allow_pickle=True)
+
+
+# ---- the fast load path: same weights, same refusals ---------------------------------------------
+
+def _with_dtypes(src: Path, dst: Path, dtype_of) -> Path:
+    """A copy of adapter `src` whose tensors are stored in dtype_of(name)."""
+    return edited(src, dst, tensors=lambda t: {k: v.to(dtype_of(k)) for k, v in t.items()})
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_are_the_files_transposed_and_scaled_bit_for_bit(model, plain, tmp_path, stored, dtype):
+    """A = lora_A.T and B = scale * lora_B.T, the product taken in fp32 and then cast, whatever float
+    dtypes the file stores (one dtype: one conversion of the whole buffer; mixed: tensor by tensor)."""
+    def dtype_of(name: str) -> torch.dtype:
+        if stored == "mixed":
+            return torch.bfloat16 if ".lora_B." in name else torch.float32
+        return getattr(torch, stored)
+
+    path = _with_dtypes(plain, tmp_path / "a", dtype_of)
+    w = load_peft_adapter(path, model[1], dtype, 64, False)
+    stored_tensors = load_file(path / "adapter_model.safetensors")
+    assert len(w.modules) == len(stored_tensors) // 2
+    for (layer, name), (A, B) in w.modules.items():
+        a = stored_tensors[KEY.format(layer, "self_attn", name, "A")]
+        b = stored_tensors[KEY.format(layer, "self_attn", name, "B")]
+        assert torch.equal(A, a.float().t().to(dtype)) and A.dtype == dtype
+        assert torch.equal(B, (b.float().t() * 2.0).to(dtype)) and B.dtype == dtype  # alpha 16 / r 8
+
+
+def _raw_safetensors(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def test_malformed_safetensors_refused(model, plain, tmp_path):
+    """The header is parsed here, not by the safetensors library: whatever it would refuse is refused."""
+    spec = model[1]
+    tensors = load_file(plain / "adapter_model.safetensors")
+    names = sorted(tensors)
+    data = b"".join(tensors[n].numpy().tobytes() for n in names)
+    good, offset = {}, 0
+    for n in names:
+        size = tensors[n].numel() * 4
+        good[n] = {"dtype": "F32", "shape": list(tensors[n].shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    first, second = names[0], names[1]
+
+    def variant(name: str, entry_of=None, header=None, data=data) -> Path:
+        d = edited(plain, tmp_path / name)
+        h = header if header is not None else {k: (entry_of(k, dict(e)) if entry_of else e) for k, e in good.items()}
+        (d / "adapter_model.safetensors").write_bytes(_raw_safetensors(h, data))
+        return d
+
+    assert load_peft_adapter(variant("same"), spec, torch.float32, 64, False).modules  # the layout itself loads
+    size = good[first]["data_offsets"][1]
+    for name, entry_of, header, body in [
+        ("overlap", lambda k, e: {**e, "data_offsets": [0, size]} if k == second else e, None, data),
+        ("gap", lambda k, e: e if k == first else {**e, "data_offsets": [o + 4 for o in e["data_offsets"]]},
+         None, data[:size] + b"\0" * 4 + data[size:]),
+        ("trailing", None, None, data + b"\0" * 8),
+        ("short", None, None, data[:-4]),
+        ("dtype", lambda k, e: {**e, "dtype": "F33"} if k == first else e, None, data),
+        ("sized", lambda k, e: {**e, "shape": [e["shape"][0], e["shape"][1] + 1]} if k == first else e, None, data),
+        ("offsets", lambda k, e: {**e, "data_offsets": "0-4"} if k == first else e, None, data),
+        ("list", None, [1, 2], data),
+    ]:
+        refused(variant(name, entry_of, header, body), spec, "unreadable")
+    d = edited(plain, tmp_path / "long")
+    (d / "adapter_model.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    refused(d, spec, "unreadable")
+    d = edited(plain, tmp_path / "ints", tensors=lambda t: {k: v.to(torch.int32) if k == first else v
+                                                            for k, v in t.items()})
+    refused(d, spec, "non-float", first)
+
+
+def test_rank_pattern_order_decides_as_in_peft(model, tmp_path):
+    """PEFT takes the first pattern that matches: configs that differ only in pattern order resolve
+    differently, so the resolution cached for one is never used for the other."""
+    spec = model[1]
+    path = make_adapter(spec, tmp_path / "a", r=4, alpha=8)
+    first_q = {"q_proj": 4, r"layers\.0\.self_attn\.q_proj": 2}
+    w = load_peft_adapter(edited(path, tmp_path / "q_first", config={"rank_pattern": first_q}),
+                          spec, torch.float32, 64, False)
+    assert w.modules[(0, "q_proj")][0].shape == (spec.module_shapes["q_proj"][0], 4)
+    layer0_first = dict(reversed(first_q.items()))
+    refused(edited(path, tmp_path / "layer0_first", config={"rank_pattern": layer0_first}), spec,
+            "layers.0.self_attn.q_proj.lora_A", "rank")
+
+
+def test_layer_runs_split_where_layers_or_ranks_change():
+    """One LayerRun per run of consecutive layers of a module with one rank; `modules` gives the
+    per-layer pairs back."""
+    spec = make_spec(layers=4)
+    pairs = {**make_weights(spec, 4, ("q_proj",), seed=1, layers=[0, 1, 3]).modules,
+             **make_weights(spec, 2, ("v_proj",), seed=2, layers=[0, 1]).modules,
+             **make_weights(spec, 6, ("v_proj",), seed=3, layers=[2, 3]).modules}
+    w = AdapterWeights.from_modules("k", pairs)
+    assert [(run.module, run.layers, run.rank) for run in w.runs] == [
+        ("q_proj", slice(0, 2), 4), ("q_proj", slice(3, 4), 4), ("v_proj", slice(0, 2), 2), ("v_proj", slice(2, 4), 6)]
+    assert w.modules.keys() == pairs.keys() and w.rank == 6
+    assert all(torch.equal(w.modules[k][i], pairs[k][i]) for k in pairs for i in (0, 1))
+    assert w.nbytes == sum(a.nbytes + b.nbytes for a, b in pairs.values())
+
+
+def test_slot_reloads_hold_exactly_the_new_adapter():
+    """A slot reloaded with an adapter of lower rank, fewer layers or other modules reads as if it had
+    been zeroed first: LoraSlots zeroes only what the previous adapter may have left."""
+    spec = make_spec(layers=3)
+    slots = LoraSlots(spec, 2, 16, "cpu", torch.float32)
+    sequence = [make_weights(spec, 12, LORA_MODULES, seed=1), make_weights(spec, 4, ("q_proj",), seed=2, layers=[0, 2]),
+                make_weights(spec, 4, ("q_proj",), seed=3), make_weights(spec, 8, ("v_proj", "down_proj"), seed=4),
+                make_weights(spec, 8, ("v_proj", "down_proj"), seed=5), make_weights(spec, 1, ATTN, seed=6)]
+    for w in sequence:
+        slots.load(1, w)
+        for module in slots.A:
+            want_a, want_b = torch.zeros_like(slots.A[module][:, 1]), torch.zeros_like(slots.B[module][:, 1])
+            for (layer, name), (a, b) in w.modules.items():
+                if name == module:
+                    want_a[layer, :, :a.shape[1]], want_b[layer, :b.shape[0]] = a, b
+            assert torch.equal(slots.A[module][:, 1], want_a) and torch.equal(slots.B[module][:, 1], want_b)
+        assert slots.ranks[1] == w.rank and not slots.A["q_proj"][:, 0].any()  # the other slot untouched

@@ -123,8 +123,11 @@ def test_hub_source_from_cache_layout(tmp_path):
     hub_standin(cache, "acme/bot", c1, fill=1.0)
     hub_standin(cache, "other/bot", c2)
     src = HubSource(cache, offline=True)
-    p = src.fetch("acme/bot", "hf_secret")
+    p = src.fetch("acme/bot", None)
     assert p.name == c1 and (p / "adapter_model.safetensors").is_file()
+    with pytest.raises(EngineError) as e:  # a token reads its own cache only (test_tenants.py)
+        src.fetch("acme/bot", "hf_secret")
+    assert e.value.type == ErrorType.ADAPTER_NOT_FOUND
     assert src.fetch(f"acme/bot@{c1}", None) == p
     with pytest.raises(EngineError) as e:
         src.fetch("acme/missing", None)
@@ -367,22 +370,24 @@ def test_unchanged_local_files_checked_inline(tmp_path, monkeypatch):
 
 
 def test_hub_store_and_disk_budget(tmp_path):
-    cache = tmp_path / "cache"
+    src = HubSource(tmp_path / "cache", offline=True)
+    token = "hf_secret_token"
+    cache = src.cache_for(token)  # what jobs with this token read (test_tenants.py)
     for i, org in enumerate(("o1", "o2", "o3")):
         hub_standin(cache, f"{org}/bot", f"{i}" * 40, seed=i)
     one = sum(f.stat().st_size for f in (cache / "models--o1--bot" / "snapshots" / ("0" * 40)).iterdir())
-    src = HubSource(cache, offline=True)
     store = make_store(tmp_path, sources={"hub": src}, adapter_disk_bytes=int(one * 2.5), hub_enabled=True)
     with capture_logs() as logs:
         for org in ("o1", "o2", "o3", "o4"):
-            wait_ready(store, AdapterRef(f"{org}/bot", source="hub", api_token="hf_secret_token"))
+            wait_ready(store, AdapterRef(f"{org}/bot", source="hub", api_token=token))
     events = [e["event"] for e in logs]
     assert events.count("adapter_loaded") == 3 and "adapter_evicted" in events and "adapter_load_failed" in events
     assert "hf_secret_token" not in repr(logs), "api_token is never logged"
     stats = store.stats()
     assert stats["disk"]["evictions"] == 1 and stats["disk"]["bytes"] <= int(one * 2.5)
     assert not (cache / "models--o1--bot").exists() and (cache / "models--o3--bot").exists()
-    assert store.acquire(AdapterRef("o1/bot", source="hub")) is not None  # still in the host tier
+    assert store.acquire(AdapterRef("o1/bot", source="hub", api_token=token)) is not None  # still in the host tier
+    assert store.acquire(AdapterRef("o1/bot", source="hub")) is None  # no token: another tenant
     store.close()
 
 

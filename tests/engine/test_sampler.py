@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from engine.request import SamplingParams
-from engine.sampler import Sampler, SamplingState, apply_repetition_penalty, warp
+from engine.sampler import Sampler, SamplingState, apply_frequency_penalties, apply_repetition_penalty, warp
 
 V = 97
 
@@ -94,7 +94,7 @@ def test_sampled_token_is_multinomial_of_transformers_distribution(params: Sampl
         logits = random_logits(100 + step)
         probs = hf_processors(params)(torch.tensor([history]), logits.clone()).softmax(-1)
         expected = torch.multinomial(probs[0], 1, generator=gen).item()
-        (token,), _ = Sampler().sample(logits, [state], [history])
+        (token,) = Sampler().sample(logits, [state], [history]).token_ids
         assert token == expected
         history.append(token)
 
@@ -102,7 +102,7 @@ def test_sampled_token_is_multinomial_of_transformers_distribution(params: Sampl
 def test_greedy_is_argmax_and_ignores_temperature() -> None:
     logits = random_logits(7, batch=6)
     states = [SamplingState.create(SamplingParams(temperature=t)) for t in (0.1, 0.5, 1.0, 2.0, 3.0, 9.0)]
-    tokens, logprobs = Sampler().sample(logits, states, [[]] * 6)
+    tokens, logprobs, _ = Sampler().sample(logits, states, [[]] * 6)
     assert tokens == logits.argmax(-1).tolist()
     assert logprobs == [None] * 6
     assert all(s.generator is None for s in states)
@@ -112,7 +112,7 @@ def test_greedy_applies_repetition_penalty() -> None:
     logits = random_logits(8, batch=1)
     top = int(logits.argmax())
     state = SamplingState.create(SamplingParams(repetition_penalty=100.0))
-    (token,), _ = Sampler().sample(logits, [state], [[top]])
+    (token,) = Sampler().sample(logits, [state], [[top]]).token_ids
     expected = hf_processors(state.params)(torch.tensor([[top]]), logits.clone()).argmax(-1).item()
     assert token == expected != top
 
@@ -136,7 +136,7 @@ def test_seed_gives_same_tokens_whatever_the_batch() -> None:
         for logits in step_logits:
             batch = logits[: len(rows)].clone()
             batch[position] = logits[0]  # the seeded row always sees the same logits
-            tokens, _ = Sampler().sample(batch, states, histories)
+            tokens = Sampler().sample(batch, states, histories).token_ids
             for h, t in zip(histories, tokens, strict=True):
                 h.append(t)
         return histories[position][3:]
@@ -168,9 +168,73 @@ def test_logprobs_after_penalty_and_temperature_before_filters() -> None:
     ]
     histories = [[1, 2], [1, 2], [1, 2]]
     before = logits.clone()
-    tokens, logprobs = Sampler().sample(logits, [SamplingState.create(p) for p in rows], histories)
+    tokens, logprobs, _ = Sampler().sample(logits, [SamplingState.create(p) for p in rows], histories)
     assert torch.equal(logits, before)  # input untouched
     penalized = RepetitionPenaltyLogitsProcessor(1.2)(torch.tensor([[1, 2]]), logits[:1].clone())[0]
     assert logprobs[0] == pytest.approx(torch.log_softmax(penalized, -1)[tokens[0]].item(), abs=1e-6)
     assert logprobs[1] == pytest.approx(torch.log_softmax(logits[1] / 0.5, -1)[tokens[1]].item(), abs=1e-6)
     assert logprobs[2] is None
+
+
+class LoraxFrequencyPenalty:
+    """LoRAX's HeterogeneousFrequencyPenaltyLogitsProcessor.__call__ (server/lorax_server/utils/
+    logits_process.py), verbatim but for its padding: the reference for one unpadded row."""
+
+    def __init__(self, frequency_penalty: list[float], presence_penalty: list[float]) -> None:
+        self.frequency_penalty_tensor = torch.tensor(frequency_penalty).unsqueeze(1)
+        self.presence_penalty_tensor = torch.tensor(presence_penalty).unsqueeze(1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        batch_size, input_size = input_ids.size()
+        vocab_size = scores.size(1)
+        token_freq = torch.zeros(batch_size, vocab_size, device=input_ids.device)
+        token_freq.scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=torch.float))
+        mask = token_freq > 0
+        token_freq /= input_size
+        scores -= token_freq * self.frequency_penalty_tensor
+        scores -= mask * self.presence_penalty_tensor
+        return scores
+
+
+@pytest.mark.parametrize("frequency,presence", [(0.5, 0.0), (0.0, 1.5), (-1.0, 2.0), (2.0, -2.0)])
+def test_frequency_presence_penalties_match_loraxs_processor(frequency: float, presence: float) -> None:
+    logits = random_logits(31)
+    history = [3, 3, 3, 10, 11, 50, 96, 96]
+    expected = LoraxFrequencyPenalty([frequency], [presence])(torch.tensor([history]), logits.clone())[0]
+    got = logits[0].clone()
+    apply_frequency_penalties(got, history, frequency, presence)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    state = SamplingState.create(SamplingParams(frequency_penalty=frequency, presence_penalty=presence))
+    assert Sampler().sample(logits, [state], [history]).token_ids == [int(expected.argmax())]
+
+
+def test_temperature_zero_and_the_lorax_rule() -> None:
+    logits = random_logits(12, batch=4)
+    rows = [SamplingParams(do_sample=True, temperature=0.0, top_k=3, seed=1),
+            SamplingParams.lorax(temperature=0.0, top_p=0.5),
+            SamplingParams.lorax(temperature=1.0), SamplingParams()]
+    states = [SamplingState.create(p) for p in rows]
+    assert all(s.generator is None for s in states)  # all greedy
+    assert Sampler().sample(logits, states, [[]] * 4).token_ids == logits.argmax(-1).tolist()
+    assert SamplingParams.lorax(top_k=3).do_sample and SamplingParams.lorax(typical_p=0.9).do_sample
+    assert not SamplingParams.lorax(top_p=1.0, typical_p=1.0, temperature=1.0).do_sample
+
+
+def test_alternatives_are_the_most_likely_ids_of_the_logprob_distribution() -> None:
+    logits = random_logits(13, batch=2)
+    rows = [SamplingParams(return_k_alternatives=5, repetition_penalty=1.3),
+            SamplingParams(do_sample=True, temperature=0.5, seed=4, logprobs=True, return_k_alternatives=200)]
+    sampled = Sampler().sample(logits, [SamplingState.create(p) for p in rows], [[10, 11], [1]])
+    penalized = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[10, 11]]), logits[:1].clone())[0]
+    logp = torch.log_softmax(penalized, -1)
+    assert sampled.logprobs[0] is None  # alternatives without logprobs
+    first = sampled.alternatives[0]
+    assert [t for t, _ in first] == torch.sort(logp, descending=True, stable=True).indices[:5].tolist()
+    assert [lp for _, lp in first] == pytest.approx(torch.sort(logp, descending=True).values[:5].tolist())
+    assert first[0][0] == sampled.token_ids[0]  # greedy: the chosen token leads
+    second = sampled.alternatives[1]
+    assert len(second) == V  # k is capped at the vocabulary
+    assert dict(second)[sampled.token_ids[1]] == pytest.approx(sampled.logprobs[1])
+    # ties keep the lower id first (ids 9..13 hold one value)
+    ties = [t for t, lp in second if lp == dict(second)[9]]
+    assert ties == sorted(ties)

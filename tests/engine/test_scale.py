@@ -320,22 +320,25 @@ def test_hub_adapters_through_engine(tmp_path, make_engine, llama, oracle, monke
     """hub_enabled with the disk tier holding a stand-in of the hub cache, offline (no network):
     hub jobs run exactly (PEFT), `main` and a pinned revision both resolve, the org allow-list and
     unknown repos fail their jobs alone, a local adapter of the same name is a different adapter,
-    and the api_token is never logged."""
+    and the api_token is never logged (a token's jobs read their own cache: test_tenants.py)."""
     from huggingface_hub import constants
+
+    from engine.adapter_source import HubSource
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     spec = llama.spec
     src, cache, root = tmp_path / "src", tmp_path / "disk", tmp_path / "local"
     c1, c2 = "1" * 40, "2" * 40
-    hub_cache_standin(cache, "acme/bot", c1, make_adapter(spec, src / "bot-v1", seed=600, **VARIANTS[0]))
+    secret = "hf_very_secret_token"
+    hub_cache_standin(HubSource(cache).cache_for(secret), "acme/bot", c1,
+                      make_adapter(spec, src / "bot-v1", seed=600, **VARIANTS[0]))
     hub_cache_standin(cache, "acme/old", c2, make_adapter(spec, src / "old", seed=601, **VARIANTS[2]))
     hub_cache_standin(cache, "other/bot", c1, make_adapter(spec, src / "other", seed=602, **VARIANTS[0]))
     make_adapter(spec, root / "acme" / "bot", seed=603, **VARIANTS[1])  # local "acme/bot": another adapter
     engine = make_engine(max_lora_rank=16, adapter_root=str(root), hub_enabled=True, hub_allow_orgs=("acme",),
                          adapter_disk_dir=str(cache))
-    secret = "hf_very_secret_token"
     reqs = [request("hub", "acme/bot", 0, source="hub", token=secret),
-            request("hub-rev", f"acme/old@{c2}", 1, source="hub", token=secret),
+            request("hub-rev", f"acme/old@{c2}", 1, source="hub"),
             request("local", "acme/bot", 2),
             request("not-allowed", "other/bot", 3, source="hub"),
             request("unknown", "acme/nope", 4, source="hub"),

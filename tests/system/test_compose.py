@@ -1,22 +1,34 @@
 """docker-compose.yml and Dockerfile are valid and agree with the code (Docker cannot run here):
-services, health checks, start order, scalability, and every LORAQ_* name set is one the worker reads."""
+services, health checks, start order, scalability, every LORAQ_* name set is one the worker reads,
+secrets come from the environment (.env.example), and the dead-letter policy it applies bounds the
+dead-letter queue on the real broker."""
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import importlib
+import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
+import uuid
 from pathlib import Path
 
+import aio_pika
 import pytest
 import yaml
 
 from consumer import cli
 from consumer.settings import FLAGS, WorkerSettings
+from tests.amqp_helpers import AMQP_URL, delete_topology, unique_topology, worker_settings
+from tests.fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[2]
+# what .env provides for the variables compose requires (`${VAR:?...}`)
+DOT_ENV = {"RABBITMQ_PASSWORD": "pw"}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +59,15 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` / `${VAR}` with an empty environment."""
-    return re.sub(r"\$\{[A-Z0-9_]+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+def interpolate(value: str, env: dict[str, str] = DOT_ENV) -> str:
+    """Compose's `${VAR:-default}`, `${VAR:?error}` (required) and `${VAR}` against `env`."""
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if op == ":?":
+            assert name in env, f"compose requires {name}: {arg}"
+            return env[name]
+        return env.get(name) or (arg if op == ":-" else "")
+    return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", one, str(value)).replace("$$", "$")
 
 
 def seconds(duration: str) -> float:
@@ -60,23 +78,51 @@ def seconds(duration: str) -> float:
 
 
 def test_services(compose):
-    assert set(compose["services"]) == {"rabbitmq", "worker", "worker-gpu", "gateway"}
+    assert set(compose["services"]) == {"rabbitmq", "rabbitmq-policy", "worker", "worker-gpu", "gateway"}
     assert set(compose["volumes"]) >= {
         v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])
         if not v.startswith((".", "/"))}  # every named volume is declared
 
 
 def test_rabbitmq(compose):
+    """An exact RabbitMQ 4.x tag; credentials from the environment; host ports on 127.0.0.1."""
     rabbit = compose["services"]["rabbitmq"]
-    assert rabbit["image"] == "rabbitmq:4-management"
+    assert re.fullmatch(r"rabbitmq:4\.\d+\.\d+-management", rabbit["image"])
     assert rabbit["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
     assert {p.split(":")[-1] for p in rabbit["ports"]} == {"5672", "15672"}
+    assert {interpolate(p).split(":")[0] for p in rabbit["ports"]} == {"127.0.0.1"}
+    env = {k: interpolate(v) for k, v in rabbit["environment"].items()}
+    assert env == {"RABBITMQ_DEFAULT_USER": "loraq", "RABBITMQ_DEFAULT_PASS": "pw"}
+    with pytest.raises(AssertionError, match="RABBITMQ_PASSWORD"):
+        interpolate(rabbit["environment"]["RABBITMQ_DEFAULT_PASS"], env={})  # no default password
 
 
-def test_worker_waits_for_a_healthy_broker(worker):
+def test_dot_env_example_names_every_variable(compose):
+    """Every variable compose reads but the LORAQ_* settings (see `loraq worker --help`) has a line
+    in .env.example, the required ones a value."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    used = {v for v in re.findall(r"\$\{([A-Z0-9_]+)", text) if not v.startswith("LORAQ_")}
+    example = dict(re.findall(r"^#? ?([A-Z0-9_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
+    assert used <= set(example), sorted(used - set(example))
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    assert all(example[name] for name in required)
+    for ignore in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore).read_text().split(), ignore  # the real one stays local
+
+
+def test_worker_waits_for_a_healthy_broker(worker, compose):
     assert worker["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
     url = interpolate(worker["environment"]["LORAQ_AMQP_URL"])
-    assert re.fullmatch(r"amqp://[^@]+@rabbitmq:5672/", url)  # the service name, not localhost
+    assert url == "amqp://loraq:pw@rabbitmq:5672/"  # the service name and the .env credentials
+    gateway = compose["services"]["gateway"]["environment"]["LORAQ_AMQP_URL"]
+    assert gateway == worker["environment"]["LORAQ_AMQP_URL"]
+
+
+def test_worker_secrets_and_cpu_share(worker):
+    env = worker["environment"]
+    assert interpolate(env["HF_TOKEN"], {"HF_TOKEN": "hf_x"}) == "hf_x"  # passed through
+    assert env["OMP_NUM_THREADS"] == worker["cpus"] == "${WORKER_CPUS:-2}"  # threads = CPU share
+    assert float(interpolate(worker["cpus"])) >= 1
 
 
 def test_worker_scales(worker):
@@ -84,8 +130,11 @@ def test_worker_scales(worker):
     assert "hostname" not in worker
 
 
+OTHER_ENV = {"HF_TOKEN", "OMP_NUM_THREADS"}  # read by huggingface_hub and torch
+
+
 def test_worker_env_names_are_settings_the_worker_reads(worker):
-    env = {k: interpolate(v) for k, v in worker["environment"].items()}
+    env = {k: interpolate(v) for k, v in worker["environment"].items() if k not in OTHER_ENV}
     known = {flag.env for flag in FLAGS}
     assert set(env) <= known, f"unknown to consumer.settings: {sorted(set(env) - known)}"
     settings = WorkerSettings.from_args([], env=env)  # and every value parses
@@ -144,8 +193,9 @@ def test_gpu_worker_is_the_worker_on_cuda(worker, gpu_worker):
     assert {k: v for k, v in gpu_worker.items() if k not in own} == {k: v for k, v in worker.items() if k not in own}
     devices = gpu_worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    env = {k: interpolate(v) for k, v in gpu_worker["environment"].items()}
-    shared = {k: interpolate(v) for k, v in worker["environment"].items() if k not in GPU_ENV}
+    env = {k: interpolate(v) for k, v in gpu_worker["environment"].items() if k not in OTHER_ENV}
+    shared = {k: interpolate(v) for k, v in worker["environment"].items()
+              if k not in GPU_ENV and k not in OTHER_ENV}
     assert {k: v for k, v in env.items() if k not in GPU_ENV} == shared
     assert set(env) <= {flag.env for flag in FLAGS}
     config = WorkerSettings.from_args([], env=env).engine_config()  # the engine accepts every value
@@ -164,3 +214,67 @@ def test_dockerfile_variants(gpu_worker, dockerfile):
     assert "exit 1" in cases["*"]
     assert gpu_worker["build"]["args"]["VARIANT"] in cases
     assert any('"$VARIANT" = cuda' in a and "gcc" in a for op, a in dockerfile if op == "RUN")
+
+
+# ---- the dead-letter queue's bound -----------------------------------------------------------
+
+def policy_command(compose) -> list[str]:
+    """The rabbitmq-policy service's rabbitmqctl arguments, interpolated as compose would."""
+    return [interpolate(a) for a in compose["services"]["rabbitmq-policy"]["command"]]
+
+
+def test_policy_service(compose):
+    svc = compose["services"]["rabbitmq-policy"]
+    assert svc["image"] == compose["services"]["rabbitmq"]["image"]
+    assert svc["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    assert "rabbitmq-data:/var/lib/rabbitmq:ro" in svc["volumes"]  # the broker's Erlang cookie
+    cmd = policy_command(compose)
+    assert cmd[:6] == ["rabbitmqctl", "--node", "rabbit@rabbitmq", "set_policy", "--apply-to", "queues"]
+    name, pattern, definition = cmd[6:]
+    assert re.fullmatch(pattern, WorkerSettings().topology.dead_queue)
+    assert not re.fullmatch(pattern, WorkerSettings().topology.queue)
+    assert json.loads(definition) == {"max-length": 100000, "overflow": "drop-head",
+                                      "message-ttl": 7 * 24 * 3600 * 1000}
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
+async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
+    """The compose policy's definition (its max-length lowered to 3 so the test can fill it),
+    applied to a worker's dead-letter queue on the real broker: the queue keeps its arguments
+    (no redeclaration, no PRECONDITION_FAILED), holds the newest 3 dead letters, and a worker
+    still starts on it."""
+    from consumer.worker import Worker
+
+    topology = unique_topology()
+    _, pattern, definition = policy_command(compose)[6:]
+    bounded = {**json.loads(definition), "max-length": 3}
+    name = f"test-dead-{uuid.uuid4().hex[:8]}"
+    engine = FakeEngine()
+    worker = Worker(worker_settings(topology), engine)
+    await worker.start()
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    try:
+        await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
+                                f"^{re.escape(topology.dead_queue)}$", json.dumps(bounded))
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dlx = await channel.get_exchange(topology.dlx, ensure=False)
+            for i in range(5):
+                await dlx.publish(aio_pika.Message(f"dead {i}".encode()), routing_key="")
+            queue = await channel.get_queue(topology.dead_queue, ensure=False)
+            got: list[bytes] = []
+            while (m := await queue.get(no_ack=True, fail=False)) is not None:
+                got.append(m.body)
+            assert got == [b"dead 2", b"dead 3", b"dead 4"]  # the oldest dropped first
+        await worker.drain()
+        again = Worker(worker_settings(topology), engine)
+        await again.start()  # declares the same queue again: the policy changed no argument
+        await again.drain()
+    finally:
+        await asyncio.to_thread(ctl, "clear_policy", name)
+        engine.shutdown(2)
+        await delete_topology(topology)

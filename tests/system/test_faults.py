@@ -299,6 +299,68 @@ async def test_engine_failing_on_one_adapter(topology, app, workers):
     await ledger.check("engine raising on one adapter (retryable until the limit; invalid)")
 
 
+async def test_retries_back_off_and_stop_at_the_limit(workers):
+    """An adapter source down for a while (two failures, then it loads) and one that never comes
+    back: retried through the retry queue after growing delays; the first answered, the second
+    dead-lettered after exactly delivery_limit + 1 runs with its reason."""
+    topology = unique_topology(delivery_limit=3)
+    app = await App(topology).open()
+    try:
+        w = await workers(topology, "--fake-fail", "down=adapter_not_found:retryable",
+                          "--fake-fail-times", "down=2", "--fake-fail", "gone=adapter_not_found:retryable",
+                          "--retry-delay-s", "0.2", "--retry-max-delay-s", "1.0", "--log-level", "debug")
+        ledger = Ledger(app)
+        for i in range(12):
+            adapter = ("down", "gone", None)[i % 3]
+            expect = ("error", "adapter_not_found") if adapter == "gone" else ("result", None)
+            await ledger.job(*expect, inputs=prompt(i), parameters={"adapter_id": adapter},
+                             message_id=f"retry-{topology.queue}-{i}")
+        await ledger.settle(60)
+        runs: dict[str, int] = defaultdict(int)
+        for e in w.events("batch_submitted"):
+            for job_id in e["job_ids"]:
+                runs[job_id] += 1
+        gone = [f"retry-{topology.queue}-{i}" for i in range(1, 12, 3)]
+        assert {runs[j] for j in gone} == {topology.delivery_limit + 1}, dict(runs)
+        delays = sorted({e["delay_s"] for e in w.events("job_retried")})
+        assert delays == [0.2, 0.4, 0.8], delays
+        await ledger.check(f"adapter source failing twice / for good: retried after {delays} s "
+                           f"through the retry queue, dead-lettered after exactly "
+                           f"{topology.delivery_limit + 1} runs")
+    finally:
+        await app.close()
+        await delete_topology(topology)
+
+
+async def test_api_token_stays_in_the_worker(topology, app, workers):
+    """Jobs carrying an api_token that fail (the engine's error quotes the token) or are invalid:
+    the token is in no reply, no log line of the worker, and no dead-letter copy."""
+    token = "hf_FAULT_" + uuid.uuid4().hex
+    w = await workers(topology, "--fake-fail", "private=adapter_not_found", "--log-level", "debug")
+    ledger = Ledger(app)
+    for i in range(6):
+        params = {"adapter_id": ("private", None)[i % 2], "api_token": token}
+        if i % 2:
+            await ledger.job(inputs=prompt(i), parameters=params)
+        else:
+            await ledger.job("error", "adapter_not_found", inputs=prompt(i), parameters=params)
+        bad = msgpack.packb({"inputs": prompt(i), "parameters": {**params, "max_new_tokens": 10**7}})
+        await ledger.raw(bad, MSGPACK, "validation")
+    await ledger.settle()
+    dead = []  # read, held unacked, then put back for ledger.check
+    queue = await app.channel.get_queue(topology.dead_queue, ensure=False)
+    while (m := await queue.get(no_ack=False, fail=False)) is not None:
+        dead.append(m)
+    for m in dead:
+        await m.nack(requeue=True)
+    replies = [m.body for ms in app.replies.values() for m in ms]
+    assert dead and all(token.encode() not in m.body for m in dead)
+    assert all(token.encode() not in body for body in replies)
+    assert token not in w.output and "(token ***)" in w.output  # quoted by the engine, scrubbed
+    await ledger.check("jobs with an api_token failing (the error quotes it) or invalid: the token "
+                       "in no reply, log line or dead letter")
+
+
 async def test_jobs_past_their_deadline(topology, app, workers):
     w = await workers(topology, "--fake-slow", "slow=1.0")
     ledger = Ledger(app)
