@@ -15,7 +15,9 @@ app can install and use it alone:
 `GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent.
 
 A client that stops waiting stops the work: each job carries the caller's timeout as its deadline
-(`x-deadline-ms`) unless `deadline` says otherwise, and a worker drops or cancels a job past it.
+(`x-deadline-ms`) unless `deadline` says otherwise, and a worker drops or cancels a job past it; a
+call that ends without its final reply (a timeout, its task cancelled, a stream closed early) also
+publishes a cancel message (`cancel`, consumer.cancel), which stops the job at once.
 Several broker URLs (a comma-separated string or a list) make one connection that moves to another
 node of the cluster when its node goes away; jobs still waiting then are published again (same job
 ids: a worker answers a job it already finished from its result cache, and the client keeps the
@@ -39,6 +41,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from consumer import cancel
 from consumer.connection import FailoverConnection, connect
 from consumer.protocol import (
     HEADER_ADAPTER_ID,
@@ -66,6 +69,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_TIMEOUT_S = 60.0
+CANCEL_FLUSH_S = 2.0  # close() waits this long at most for cancels still being published
 _PARAMETER_NAMES = frozenset(PARAMETER_NAMES) - {"adapter_id"}
 
 T = TypeVar("T")
@@ -130,6 +134,7 @@ class Client:
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._reply_queue = f"loraq.reply.{uuid.uuid4().hex}"
         self._pending: dict[str, _Pending] = {}
+        self._cancels: set[asyncio.Task[bool]] = set()  # cancels of abandoned jobs being published
 
     async def connect(self) -> Client:
         self._connection = await connect(self.url, client_properties={
@@ -160,6 +165,8 @@ class Client:
         for pending in self._pending.values():
             pending.replies.put_nowait(None)
         self._pending.clear()
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=CANCEL_FLUSH_S)
         self._exchange = self._channel = None
         if self._connection is not None:
             await self._connection.close()
@@ -189,7 +196,7 @@ class Client:
         try:
             return self._final(pending, await self._next(pending, end, timeout))
         finally:
-            self._pending.pop(cid, None)
+            self._settle(cid, pending)
 
     async def generate_stream(self, inputs: str | None = None, *,
                               messages: list[dict] | None = None, adapter_id: str | None = None,
@@ -212,7 +219,25 @@ class Client:
                     yield self._final(pending, reply)
                     return
         finally:
-            self._pending.pop(cid, None)
+            self._settle(cid, pending)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Ask the workers to stop job `job_id` (docs/protocol.md, "Cancel"; best effort): the one
+        holding it stops it and answers it as `deadline_exceeded`, and one that gets it later
+        refuses it. A waiting `generate` of it then raises GenerationError. True when the broker
+        took the cancel message (whether or not any worker held the job)."""
+        if self._connection is None:
+            raise LoraqError("client is not connected: use `async with Client(...)` or connect()")
+        return await cancel.publish(self._connection, self.topology, job_id, self.content_type)
+
+    def _settle(self, cid: str, pending: _Pending) -> None:
+        """The end of a call: one that ends without its final reply (a timeout, a cancelled task, a
+        stream closed early) cancels its job in the background."""
+        if self._pending.pop(cid, None) is None or self._connection is None:
+            return
+        task = cancel.send(self._connection, self.topology, pending.job_id, self.content_type)
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
 
     async def _submit(self, inputs: str | None, messages: list[dict] | None,
                       adapter_id: str | None, parameters: dict[str, Any], job_id: str | None,
@@ -357,6 +382,10 @@ class SyncClient:
     def generate(self, inputs: str | None = None, **kwargs: Any) -> GenerationResult:
         """See `Client.generate`."""
         return self._call(self._client.generate(inputs, **kwargs))
+
+    def cancel(self, job_id: str) -> bool:
+        """See `Client.cancel`."""
+        return self._call(self._client.cancel(job_id))
 
     def generate_stream(self, inputs: str | None = None,
                         **kwargs: Any) -> Iterator[Token | GenerationResult]:

@@ -93,6 +93,9 @@ class Topology:
     dead_queue: str = "loraq.dead"
     results_exchange: str = "loraq.results"  # topic: results of jobs without reply_to
     retry_queue: str = "loraq.retry"  # quorum: failed jobs wait out their backoff here, then go back
+    # fanout of cancel messages, one exclusive queue per worker bound to it; "" means
+    # `<exchange>.cancel`, so a publisher that knows the jobs exchange knows this one too
+    cancel_exchange: str = ""
     # adapter affinity only (workers started with --affinity): x-consistent-hash on x-adapter-id,
     # and the fanout that leads back to the jobs queue (its alternate exchange and the workers' DLX)
     affinity_exchange: str = "loraq.affinity"
@@ -102,12 +105,14 @@ class Topology:
     def __post_init__(self) -> None:
         if self.delivery_limit < 1:
             raise ValueError("delivery_limit must be >= 1")
+        if not self.cancel_exchange:
+            object.__setattr__(self, "cancel_exchange", f"{self.exchange}.cancel")
 
     @classmethod
     def prefixed(cls, prefix: str, **overrides: Any) -> Topology:
         """Every name under `prefix` (e.g. a unique test id), routing key unchanged."""
         names = {f.name: f"{prefix}.{f.default}" for f in fields(cls)
-                 if f.name not in ("routing_key", "delivery_limit")}
+                 if f.name not in ("routing_key", "delivery_limit", "cancel_exchange")}
         return cls(**{**names, **overrides})
 
     def result_routing_key(self, adapter_id: str | None) -> str:
@@ -116,6 +121,10 @@ class Topology:
     def worker_queue(self, worker_id: str) -> str:
         """One affinity worker's own queue."""
         return f"{self.queue}.worker.{worker_id}"
+
+    def cancel_queue(self, worker_id: str) -> str:
+        """One worker's own queue of cancel messages."""
+        return f"{self.cancel_exchange}.worker.{worker_id}"
 
 
 @dataclass(frozen=True)
@@ -598,6 +607,34 @@ def encode_job(*, inputs: str | None = None, messages: list[dict] | None = None,
                content_type: str = MSGPACK, limits: Limits | None = None) -> bytes:
     return encode(job_body(inputs=inputs, messages=messages, parameters=parameters, stream=stream,
                            limits=limits), content_type)
+
+
+# ---- cancels ---------------------------------------------------------------------------------------
+# A cancel message (docs/protocol.md, "Cancel") names one job: body {"v": 1, "id": <job id>}, in either
+# content type, published to the cancel exchange. Its message_id is the job id too.
+
+def encode_cancel(job_id: str, content_type: str = MSGPACK) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "id": job_id}, content_type)
+
+
+def decode_cancel(body: bytes, content_type: str | None, message_id: str | None, limits: Limits) -> str:
+    """The job id a cancel message names: its body's `id`, else its `message_id`. Raises
+    ProtocolError (validation) when it names none, or one longer than the id limit."""
+    job_id: Any = None
+    if len(body) <= limits.max_body_bytes:
+        try:
+            decoded = decode(body, content_type)
+        except ProtocolError:
+            decoded = None
+        if isinstance(decoded, dict):
+            job_id = decoded.get("id")
+    if job_id is None:
+        job_id = message_id
+    if not isinstance(job_id, str) or not job_id:
+        raise _fail("a cancel message names its job in body.id or message_id")
+    if len(job_id) > limits.max_id_length:
+        raise _fail(f"cancelled job id longer than {limits.max_id_length}")
+    return job_id
 
 
 # ---- replies ---------------------------------------------------------------------------------------

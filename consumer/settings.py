@@ -170,6 +170,8 @@ HELP = {
     "dead_queue": "dead-letter queue (bound it with a broker policy: README, Reliability)",
     "results_exchange": "topic exchange for results of jobs without reply_to",
     "retry_queue": "quorum queue where failed jobs wait out their retry delay",
+    "cancel_exchange": "fanout exchange of cancel messages; each worker binds a queue of its own "
+                       "('': the jobs exchange's name + '.cancel')",
     "affinity": "adapter affinity: jobs with header x-adapter-id prefer the worker that already ran "
                 "that adapter (needs the RabbitMQ plugin rabbitmq_consistent_hash_exchange; on every "
                 "worker or none)",
@@ -187,7 +189,7 @@ HELP = {
     "revision": "hub revision of --model",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda[:N]",
-    "max_batched_tokens": "prompt tokens per prefill step",
+    "max_batched_tokens": "tokens per engine step: one per decoding row, the rest for prompt chunks",
     "max_model_len": "context length (default: the model's, capped at 8192)",
     "kv_cache_mb": "fixed KV cache budget in MiB",
     "max_waiting": "engine queue bound; beyond it jobs get `overloaded`",

@@ -10,6 +10,10 @@ own: a dead-letter queue made by an older loraq is classic, lives on one node, a
 redeclared while that node is down (nor turned into a quorum queue: PRECONDITION_FAILED), so it is
 used as it is. Bound it with a broker policy (README), never with arguments here.
 
+Cancels (consumer.cancel): cancel exchange (fanout, durable) ──▶ one queue per worker (exclusive,
+auto-delete: gone with the worker's connection, declared again on the node it reconnects to), which
+the worker consumes without acks. Every worker sees every cancel; the one holding the job stops it.
+
 Retries (consumer.settlement): retry queue (quorum, no consumer) ── a copy expires after its own
 per-message TTL (the backoff) ── dead-lettered, at least once, to the jobs exchange with the jobs
 routing key ──▶ the jobs queue (or, with affinity, the worker that holds its adapter). RabbitMQ
@@ -75,6 +79,7 @@ class Declared:
 
     jobs_queue: AbstractRobustQueue  # the shared quorum queue
     own_queue: AbstractRobustQueue | None  # this worker's affinity queue (--affinity only)
+    cancel_queue: AbstractRobustQueue  # this worker's cancel messages
     dlx: AbstractExchange
     results: AbstractExchange
 
@@ -82,7 +87,8 @@ class Declared:
 async def declare(connection: AbstractRobustConnection, channel: AbstractRobustChannel,
                   topology: Topology, *, affinity: bool, worker_id: str) -> Declared:
     """Declare (idempotently) every object of `topology` on `channel` (the dead-letter queue on a
-    channel of its own); with `affinity`, also this worker's own queue, named after `worker_id`.
+    channel of its own), and this worker's cancel queue; with `affinity`, also its own jobs queue.
+    Both are named after `worker_id`.
     Raises AffinityUnavailable without the broker plugin."""
     t = topology
     dlx = await channel.declare_exchange(t.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
@@ -107,7 +113,13 @@ async def declare(connection: AbstractRobustConnection, channel: AbstractRobustC
         await queue.bind(jobs, routing_key=t.routing_key)
     results = await channel.declare_exchange(t.results_exchange, aio_pika.ExchangeType.TOPIC,
                                              durable=True)
-    return Declared(jobs_queue=queue, own_queue=own, dlx=dlx, results=results)
+    cancels = await channel.declare_exchange(t.cancel_exchange, aio_pika.ExchangeType.FANOUT,
+                                             durable=True)
+    cancel_queue = await channel.declare_queue(t.cancel_queue(worker_id), exclusive=True,
+                                               auto_delete=True)
+    await cancel_queue.bind(cancels, routing_key="")
+    return Declared(jobs_queue=queue, own_queue=own, dlx=dlx, results=results,
+                    cancel_queue=cancel_queue)
 
 
 async def _declare_dead_queue(connection: AbstractRobustConnection, t: Topology) -> None:

@@ -5,11 +5,17 @@ One delivery's life:
     result cache hit ──▶ the cached final reply, ack                  (redelivery: never recomputed)
     same job id in flight ──▶ joins it, answered when it finishes     (redelivery after a reconnect)
     past its deadline ──▶ deadline_exceeded (dead-lettered), ack      (the model never sees it)
+    cancelled before it came ──▶ the same, "cancelled by its client"   (consumer.cancel)
     else: prefetch its adapter, collect a few ms, submit the group ──▶ engine thread
           on_token / on_finish hop back with call_soon_threadsafe ──▶ replies in order, confirmed
           then settled as consumer.settlement decides: ack, retry later (a delayed copy through
           the retry queue), return, or dead-letter with the reason
     draining (SIGTERM) ──▶ not taken: returned with nack (uncounted from RabbitMQ 4.3)
+
+A cancel message (consumer.cancel) moves its job's deadline to now: a collected job is dropped
+when its group is flushed, a job in the engine is cancelled there (its row and KV blocks freed),
+and either is answered and dead-lettered as deadline_exceeded; a job not here yet is remembered
+and refused on arrival (RecentCancels). A job that finished first keeps its result.
 
 The event loop never blocks on the engine, so AMQP heartbeats and intake go on during long steps.
 An ack or nack on a channel that died is skipped: the broker redelivers that job, and the result
@@ -35,6 +41,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
 
 from consumer import protocol
+from consumer.cancel import RecentCancels
 from consumer.collector import Collector
 from consumer.connection import FailoverConnection, connect
 from consumer.jobs import Delivery, InflightJob, to_request, to_result
@@ -62,6 +69,7 @@ from engine.request import (
 log = structlog.get_logger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0  # closing the AMQP connection at the end of a drain
+CANCELLED = "job was cancelled by its client"  # the error text of a cancelled job (deadline_exceeded)
 
 
 class EngineLike(Protocol):
@@ -118,6 +126,8 @@ class Worker:
         # names this worker's own queue (--affinity): unique per process and start
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._inflight: dict[str, InflightJob] = {}
+        self._cancels = RecentCancels()  # job ids cancelled lately, whether or not they were here
+        self._cancelling: set[str] = set()  # cancelled on the engine, its outcome not back yet
         self._collector: Collector[InflightJob] = Collector(
             settings.batch_window_ms / 1000.0, settings.max_batch, self._submit_group,
             idle=lambda: len(self._inflight) <= 1)  # only the job being added: nothing in the engine
@@ -164,6 +174,7 @@ class Worker:
                 routes.append((declared.own_queue, "affinity"))
             for queue, route in routes:
                 self._consumers.append((queue, await queue.consume(partial(self._on_message, route))))
+            await declared.cancel_queue.consume(self._on_cancel, no_ack=True)  # best effort: no acks
         except BaseException:  # no robust reconnect loop behind a failed start
             await connection.close()
             raise
@@ -288,6 +299,10 @@ class Worker:
             jlog.info("job_joined_inflight", attempts=delivery.attempts)
             inflight.deliveries.append(delivery)
             return
+        if job.id in self._cancels:
+            jlog.info("job_cancelled", state="before_arrival")
+            await self._fail(delivery, jlog, Failure(protocol.DEADLINE_EXCEEDED, CANCELLED))
+            return
         if job.expired(received * 1000.0):
             await self._fail(delivery, jlog, Failure(protocol.DEADLINE_EXCEEDED,
                                                      "job is past its deadline"))
@@ -301,6 +316,27 @@ class Worker:
         jlog.debug("job_received", attempts=delivery.attempts, stream=job.stream, route=route)
         self._collector.add(inflight)
 
+    async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
+        """A cancel message (no ack: best effort): remember it, and stop the job if it is here."""
+        try:
+            job_id = protocol.decode_cancel(message.body, message.content_type, message.message_id,
+                                            self.limits)
+        except ProtocolError as e:
+            log.warning("cancel_ignored", error=e.message, message_id=message.message_id)
+            return
+        self.cancel(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """Move job `job_id`'s deadline to now: a collected job is dropped at its group's flush, a
+        job in the engine is cancelled there; either way it is answered as deadline_exceeded. An id
+        not here is remembered (RecentCancels), so the job is refused if it arrives later."""
+        self._cancels.add(job_id)
+        inflight = self._inflight.get(job_id)
+        state = "unknown" if inflight is None else "collected" if inflight.batch_id is None else "engine"
+        if state == "engine" and self.engine.cancel(job_id):
+            self._cancelling.add(job_id)
+        log.info("job_cancel_received", job_id=job_id, state=state)
+
     # ---- engine hand-off -------------------------------------------------------------------------
 
     def _submit_group(self, group: list[InflightJob]) -> None:
@@ -309,11 +345,13 @@ class Worker:
         now_ms = time.time() * 1000.0
         submitted: list[InflightJob] = []
         for inflight in group:
-            if inflight.job.expired(now_ms):  # expired while collected
+            cancelled = inflight.job.id in self._cancels
+            if cancelled or inflight.job.expired(now_ms):  # cancelled or expired while collected
                 self._inflight.pop(inflight.job.id, None)
                 inflight.release_lease()
                 self._settle_all(inflight, GenerationFailure(inflight.job.id, EngineError(
-                    ErrorType.DEADLINE_EXCEEDED, "job passed its deadline before it ran")))
+                    ErrorType.DEADLINE_EXCEEDED,
+                    CANCELLED if cancelled else "job passed its deadline before it ran")))
                 continue
             inflight.batch_id = batch_id
             inflight.log = inflight.log.bind(batch_id=batch_id)
@@ -363,6 +401,10 @@ class Worker:
         if self._inflight.get(inflight.job.id) is inflight:
             del self._inflight[inflight.job.id]
         self.metrics.inflight.set(len(self._inflight))
+        if inflight.job.id in self._cancelling:
+            self._cancelling.discard(inflight.job.id)
+            if not isinstance(outcome, Completion):  # the engine's "cancelled", or a failure racing it
+                outcome = GenerationFailure(inflight.job.id, EngineError(ErrorType.DEADLINE_EXCEEDED, CANCELLED))
         if self._closed:
             return
         try:

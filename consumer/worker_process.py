@@ -54,7 +54,7 @@ async def delete_topology(url: str, topology: Topology) -> None:
                 await channel.queue_delete(name)
             except aio_pika.exceptions.AMQPError:
                 pass
-        for name in (topology.exchange, topology.dlx, topology.results_exchange):
+        for name in (topology.exchange, topology.dlx, topology.results_exchange, topology.cancel_exchange):
             channel = await connection.channel()
             try:
                 await channel.exchange_delete(name)

@@ -25,7 +25,7 @@ class EngineConfig:
 
     # batching and KV cache
     max_batch: int = 32  # running rows per step
-    max_batched_tokens: int = 4096  # prompt tokens per prefill step
+    max_batched_tokens: int = 4096  # tokens per step: one per decode row, the rest for prompt chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped at 8192)
     kv_block_size: int = 16
     kv_cache_bytes: int = 512 * 2**20  # fixed KV budget; requests wait when it is full
@@ -69,6 +69,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_batched_tokens < self.max_batch:
+            raise ValueError("max_batched_tokens must be >= max_batch (every running row decodes each step)")
         if not 1 <= self.max_lora_rank <= 256:
             raise ValueError("max_lora_rank must be in 1..256")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -2,9 +2,10 @@
 `cancel`, `stats`, `shutdown`. One daemon thread owns every tensor and runs the step loop; other threads
 only put commands into its inbox. Callbacks run on the engine thread (callers hop threads).
 
-A step: answer what the scheduler failed, run one packed forward (prefill or decode), sample one
-token per row, stream it, retire finished sequences. An exception inside a step fails only that
-step's requests (INTERNAL, retryable) and frees what they held; the loop goes on.
+A step: answer what the scheduler failed, run one packed forward (decode rows and prompt chunks),
+sample one token per row that reached its end, stream it, retire finished sequences. An exception
+inside a step fails only that step's requests (INTERNAL, retryable) and frees what they held; the
+loop goes on.
 """
 
 from __future__ import annotations
@@ -482,27 +483,28 @@ class Engine:
         batch = outcome.batch
         if batch is None:
             return False
-        seqs = batch.seqs
-        if batch.prefill:  # never compute a request that expired before it ran
-            for seq in seqs:
-                self._admitted(seq)
-            now = time.time()
-            late = [s for s in seqs if _expired(s, now)]
-            for seq in late:
-                self._release(seq)
-                self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it ran"))
-            seqs = [s for s in seqs if s.status is SequenceStatus.RUNNING]
-            if not seqs:
-                return True
+        admitted = batch.admitted
+        for seq in admitted:
+            self._admitted(seq)
+        now = time.time()
+        for seq in [s for s in admitted if _expired(s, now)]:  # never compute a request that expired before it ran
+            self._release(seq)
+            self._fail(seq, EngineError(ErrorType.DEADLINE_EXCEEDED, "past its deadline before it ran"))
+        rows = [(s, n) for s, n in batch.rows if s.status is SequenceStatus.RUNNING]
+        if not rows:
+            return True
+        seqs, num_new = [s for s, _ in rows], [n for _, n in rows]
+        complete = [s for s, n in rows if s.num_computed_tokens + n == s.num_tokens]  # a chunk short of it: no token
+        prefill_tokens = sum(n for s, n in batch.chunks if s.status is SequenceStatus.RUNNING)
         try:
-            masks = self.grammar.fill([s.grammar for s in seqs])  # filled on the grammar thread during the forward
-            logits, prompt_logprobs = self._forward(seqs, batch.prefill)  # [B, V] fp32
+            masks = self.grammar.fill([s.grammar for s in complete])  # filled on the grammar thread during the forward
+            logits = self._forward(seqs, num_new)  # [len(complete), V] fp32
             bias = None if masks is None else self.grammar.bias(masks.result())
-            sampled = self.sampler.sample(logits, [_sampling(s) for s in seqs], [s.token_ids for s in seqs],
-                                          bias)
+            sampled = self.sampler.sample(logits, [_sampling(s) for s in complete], [s.token_ids for s in complete],
+                                          bias) if complete else ([], [], [])
         except Exception as exc:
             self.num_step_failures += 1
-            log.exception("step_failed", prefill=batch.prefill, rows=len(seqs),
+            log.exception("step_failed", rows=len(seqs), prefill_tokens=prefill_tokens,
                           request_ids=[s.request_id for s in seqs])
             for seq in seqs:
                 self._release(seq)
@@ -510,12 +512,9 @@ class Engine:
                                             retryable=True))
             return True
         self.num_steps += 1
-        if batch.prefill:
-            self.num_prefill_tokens += sum(s.num_tokens for s in seqs)
-        self.num_generated_tokens += len(seqs)
-        for i, logprobs in prompt_logprobs.items():
-            seqs[i].prefill = self._prefill_tokens(seqs[i], logprobs)
-        for seq, token_id, logprob, alternatives in zip(seqs, *sampled, strict=True):
+        self.num_prefill_tokens += prefill_tokens
+        self.num_generated_tokens += len(complete)
+        for seq, token_id, logprob, alternatives in zip(complete, *sampled, strict=True):
             try:
                 self._append_token(seq, token_id, logprob, alternatives)
             except Exception as exc:  # detokenizer or bookkeeping bug: this request only
@@ -525,13 +524,22 @@ class Engine:
                     self._fail(seq, EngineError(ErrorType.INTERNAL, f"{type(exc).__name__}: {exc}", retryable=True))
         return True
 
-    def _forward(self, seqs: list[Sequence], prefill: bool) -> tuple[Tensor, dict[int, list[float]]]:
-        """The step's logits [B, V]; a prefill also scores the prompts of the rows that asked for
-        decoder_input_details, on their first prefill (a preempted row keeps what it had)."""
-        scored = [i for i, s in enumerate(seqs) if prefill and s.request.params.prompt_logprobs and s.prefill is None]
+    def _forward(self, seqs: list[Sequence], num_new: list[int]) -> Tensor:
+        """The logits [N, V] of the rows that reach their end. The prompts of rows that asked for
+        decoder_input_details are scored chunk by chunk until computed (a row preempted before that
+        scores its prompt again; one preempted after keeps what it had)."""
+        scored = [i for i, s in enumerate(seqs) if s.request.params.prompt_logprobs and s.prefill is None]
         if not scored:
-            return self.runner.run(seqs, prefill), {}
-        return self.runner.run_scored(seqs, scored)
+            return self.runner.run(seqs, num_new)
+        for i in scored:
+            del seqs[i].prompt_scores[seqs[i].num_computed_tokens:]
+        logits, scores = self.runner.run_scored(seqs, num_new, scored)
+        for i in scored:
+            seq = seqs[i]
+            seq.prompt_scores += scores[i]
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                seq.prefill = self._prefill_tokens(seq, seq.prompt_scores)
+        return logits
 
     def _prefill_tokens(self, seq: Sequence, logprobs: list[float]) -> tuple[ScoredToken, ...]:
         """LoRAX's details.prefill: each prompt token decoded alone (special tokens spelled out) with

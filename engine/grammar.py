@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
@@ -26,11 +27,14 @@ from torch import Tensor
 
 from engine.request import EngineError, ErrorType, ResponseFormat
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # JSON as json.dumps writes it by default: `{"a": 1, "b": [1, 2]}`. No free whitespace: a model
 # that keeps choosing spaces or newlines could otherwise run to max_new_tokens inside valid JSON.
 # A schema's own "x-guidance" options override these.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CACHE_SIZE = 256  # compiled formats kept (a template each, a few hundred KiB at most)
+JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CACHE_SIZE = 256  # compiled formats kept, least recently used dropped first
 NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
 
 
@@ -58,16 +62,21 @@ class Grammar:
         never allowed to a constrained row, and masks are cut to the logits' width.
 
         The tokenizer is serialized here, on the step thread (it is not shared across threads);
-        llguidance's index of it (~0.5 s for a 50k vocabulary) is built on the grammar thread,
-        so the first constrained request waits for it only if it comes sooner."""
+        llguidance's index of it is built on the grammar thread, so the first constrained request
+        waits for it only if it comes sooner."""
         self.vocab_size = vocab_size
         n_vocab = max(vocab_size, len(tokenizer))
         self._words = (n_vocab + 31) // 32  # int32 words per row mask
-        backend = tokenizer.backend_tokenizer
-        serialized = backend.to_str()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="loraq-grammar")
-        self._tokenizer: Future[LLTokenizer] = self._thread.submit(
-            LLTokenizer, serialized, n_vocab=n_vocab, eos_token=sorted(eos_token_ids))
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer: Future[LLTokenizer]
+        if backend is None:  # a slow (Python) tokenizer: the engine serves, constrained jobs are refused
+            self._tokenizer = Future()
+            self._tokenizer.set_exception(EngineError(
+                ErrorType.VALIDATION, "parameters.response_format needs a fast tokenizer; this model has none"))
+        else:
+            self._tokenizer = self._thread.submit(LLTokenizer, backend.to_str(), n_vocab=n_vocab,
+                                                  eos_token=sorted(eos_token_ids))
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)  # [32]
         self._templates: OrderedDict[ResponseFormat, LLMatcher] = OrderedDict()
 

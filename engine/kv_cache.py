@@ -64,7 +64,8 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, seq: Sequence) -> bool:
-        """Room for every token the sequence has now (prompt, plus outputs when recomputing)."""
+        """Room for every token the sequence has now (prompt, plus outputs when recomputing): all of
+        its blocks are taken at admission, even when its prompt is then prefilled in chunks."""
         return self.blocks_for(seq.num_tokens) <= len(self._free)
 
     def allocate(self, seq: Sequence) -> None:
@@ -77,6 +78,7 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         self._free.extend(reversed(seq.block_table))
         seq.block_table = []
+        seq.num_computed_tokens = 0  # nothing of it is cached any more: a recompute starts from token 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the K/V of the sequence's newest token (written by the next decode step)."""

@@ -79,10 +79,18 @@ class LoraOp(ABC):
       the shrink when called with the same `x`; the caller does not change that `x` in place
       between those calls (under inference mode this cannot be detected).
     - Neither syncs with the host in the hot path (no `.item()`, no host-side data inspection).
+    - `order` may be asked, before `prepare`, in which order the runner should pack row groups.
     """
 
     def __init__(self, slots: LoraSlots) -> None:
         self.slots = slots
+
+    def order(self, slots: list[int]) -> list[int]:
+        """The order in which to pack the row groups of `slots` (distinct device slots, >= 0).
+        A backend that keeps per-row data between steps answers with its own order, so that a batch
+        that gains or loses an adapter changes one row of that data, not every row after it.
+        Default: ascending."""
+        return sorted(slots)
 
     def prepare(self, seg_lens: list[int], seg_slots: list[int]) -> LoraBatch:
         """Segment i = seg_lens[i] consecutive tokens using slot seg_slots[i] (-1: no adapter)."""
@@ -113,7 +121,7 @@ class _TorchPlan:
     """TorchLoraOp's per-step data. "Short" segments share one padded bmm; "long" ones run alone."""
 
     long: list[Segment]
-    weights: dict = field(default_factory=dict)  # (layer, group) -> (A_cat [n, in, g*r], [B [n, r, out]])
+    weights: dict = field(default_factory=dict)  # (layer, group) -> (A_cat [n, in, g*r], [B [n, r, out] per module])
     short_slots: tuple[int, ...] = ()  # slot of each short segment, in packing order
     short_rank: int = 0  # max rank over their slots (0: no short segment)
     short_shape: tuple[int, int] = (0, 0)  # (segments, padded length) of the bmm
@@ -130,22 +138,39 @@ class TorchLoraOp(LoraOp):
     """SGMV in torch, two paths chosen per segment:
 
     - padded bmm (decode, and prefill of similar lengths): one `bmm` over all segments padded to
-      the longest (see PAD_WASTE). The per-segment weights
-      `A[l, slots, :, :r]` / `B[l, slots, :r]` (r = max rank over those slots) are gathered once
-      per (layer, module group) and reused while the short segments' slots and their versions are
-      unchanged, because the gather copy, not the arithmetic, dominates a decode step. Modules that
-      read the same x (q/k/v, gate/up) share one shrink against concatenated A.
+      the longest (see PAD_WASTE), on per-segment weights `A[l, slot, :, :r]` / `B[l, slot, :r]`
+      (r = max rank over those slots) copied into one bmm row per segment. The gather copy, not the
+      arithmetic, dominates a decode step, so the rows are kept between steps: a row is copied
+      again only when the slot packed at its position, or that slot's version, changes; `order`
+      keeps each slot at its row, so an adapter that joins or leaves the batch costs one row.
+      Modules that read the same x (q/k/v, gate/up) share one shrink against concatenated A.
     - alone (a segment much longer than the rest, e.g. a prompt beside decode rows):
       `y[s:e] += (x[s:e] @ A[l, slot, :, :r]) @ B[l, slot, :r]` on slot views (no copy), r its rank.
     """
 
     def __init__(self, slots: LoraSlots) -> None:
         super().__init__(slots)
-        self._weights_key: tuple | None = None
-        self._weights: dict = {}
+        self._rows: list[tuple[int, int]] = []  # (slot, version) copied into each bmm row, by position
+        self._layout: tuple | None = None  # (rank, module groups) the rows are cut for
+        self._capacity = 0  # bmm rows allocated
+        self._gathered: dict = {}  # (layer, group) -> (A_cat [capacity, in, g*r], [B [capacity, r, out]])
+        self._weights: dict = {}  # the same cut to the rows in use: [n, ...] views
+        self._num_rows = 0  # n of those views
+
+    def order(self, slots: list[int]) -> list[int]:
+        """Each slot already copied to a bmm row below len(slots) keeps that row; the others fill
+        the rows left, ascending (the last adapter moves up to fill a leaver's row: one row, not all)."""
+        wanted = set(slots)
+        placed: list[int | None] = [None] * len(slots)
+        for i, (slot, _) in enumerate(self._rows[:len(slots)]):
+            if slot in wanted:
+                placed[i] = slot
+                wanted.discard(slot)
+        rest = iter(sorted(wanted))
+        return [slot if slot is not None else next(rest) for slot in placed]
 
     def plan(self, batch: LoraBatch) -> _TorchPlan:
-        slots, device = self.slots, self.slots.device
+        device = self.slots.device
         by_len = sorted(batch.segments, key=lambda seg: -seg.length)
         total = sum(seg.length for seg in by_len)
         cut = 0  # by_len[:cut] run alone; the rest are padded to by_len[cut]'s length
@@ -157,18 +182,14 @@ class TorchLoraOp(LoraOp):
         short = [seg for seg in batch.segments if seg.start not in alone]
         if not short:
             return plan
-        short_slots = tuple(seg.slot for seg in short)
-        key = (short_slots, tuple(slots.versions[s] for s in short_slots), tuple(batch.groups))
-        if key != self._weights_key:  # new packing or a slot reloaded: gather lazily again
-            self._weights_key, self._weights = key, {}
-        plan.weights = self._weights
-        plan.short_slots = short_slots
+        plan.short_slots = tuple(seg.slot for seg in short)
         plan.short_rank = max(seg.rank for seg in short)
+        plan.weights = self._gather(plan.short_slots, plan.short_rank, batch.groups)
         length = max(seg.length for seg in short)
         plan.short_shape = (len(short), length)
         first, last = short[0], short[-1]
         contiguous = all(a.start + a.length == b.start for a, b in zip(short, short[1:], strict=False))
-        if contiguous:  # no long segment in between (rows are sorted by slot, base rows first)
+        if contiguous:  # no long segment in between (decode rows, then prompt chunks)
             plan.rows = slice(first.start, last.start + last.length)
         if contiguous and all(seg.length == length for seg in short):
             return plan  # decode, or prompts of one length: x[rows] is the bmm input as is
@@ -178,18 +199,40 @@ class TorchLoraOp(LoraOp):
             plan.scatter = _index([st + j for st, n, _, _ in short for j in range(n)], device)
         return plan
 
-    def _gathered(self, layer: int, group: tuple[str, ...], plan: _TorchPlan) -> tuple[Tensor, list[Tensor]]:
-        """(A_cat [n, in, g*r], [B_m [n, r, out] for m in group]) for the short segments' slots."""
-        got = plan.weights.get((layer, group))
-        if got is None:
-            idx = _index(list(plan.short_slots), self.slots.device)
-            r = plan.short_rank
-            # slice to r before gathering: only the bytes the batch reads are copied
-            a = [self.slots.A[m][layer, :, :, :r].index_select(0, idx) for m in group]
-            got = (a[0] if len(a) == 1 else torch.cat(a, dim=2),  # [n, in, g*r]
-                   [self.slots.B[m][layer, :, :r, :].index_select(0, idx) for m in group])
-            plan.weights[(layer, group)] = got
-        return got
+    @torch.inference_mode()  # the rows are copied in place: into tensors only ever changed in inference mode
+    def _gather(self, short_slots: tuple[int, ...], rank: int, groups: Mapping[str, tuple[str, ...]]) -> dict:
+        """(layer, group) -> (A_cat [n, in, g*r], [B_m [n, r, out] for m in group]), bmm row i
+        holding slot short_slots[i]'s A[layer, slot, :, :rank] / B[layer, slot, :rank] (the group's
+        A side by side); only the rows whose slot, or that slot's version, changed are copied."""
+        slots = self.slots
+        rows = [(slot, slots.versions[slot]) for slot in short_slots]
+        n = len(rows)
+        layout = (rank, tuple(sorted(set(groups.values()))))
+        if layout != self._layout or n > self._capacity:  # copy every row into new tensors
+            self._layout, self._rows, self._num_rows = layout, [], 0
+            self._capacity = 1 << (n - 1).bit_length()  # room to grow: a joining adapter moves no other
+            self._gathered = {(layer, group): self._allocate(group, rank)
+                              for layer in range(slots.spec.num_layers) for group in layout[1]}
+        stale = [i for i, row in enumerate(rows) if i >= len(self._rows) or self._rows[i] != row]
+        if stale:
+            at = _index(stale, slots.device)
+            idx = _index([short_slots[i] for i in stale], slots.device)
+            for (layer, group), (a_cat, b) in self._gathered.items():
+                for j, m in enumerate(group):  # sliced to the rank first: only the bytes the bmm reads are copied
+                    a = slots.A[m][layer, :, :, :rank].index_select(0, idx)  # [stale, in, rank]
+                    a_cat[:, :, j * rank:(j + 1) * rank].index_copy_(0, at, a)
+                    b[j].index_copy_(0, at, slots.B[m][layer, :, :rank, :].index_select(0, idx))
+            self._rows = rows + self._rows[n:]
+        if n != self._num_rows:
+            self._weights = {key: (a[:n], [b_m[:n] for b_m in b]) for key, (a, b) in self._gathered.items()}
+            self._num_rows = n
+        return self._weights
+
+    def _allocate(self, group: tuple[str, ...], rank: int) -> tuple[Tensor, list[Tensor]]:
+        """Uninitialised (A_cat [capacity, in, g*rank], [B_m [capacity, rank, out]]) for a module group."""
+        shapes, device, dtype = self.slots.spec.module_shapes, self.slots.device, self.slots.dtype
+        return (torch.empty(self._capacity, shapes[group[0]][0], len(group) * rank, device=device, dtype=dtype),
+                [torch.empty(self._capacity, rank, shapes[m][1], device=device, dtype=dtype) for m in group])
 
     def apply(self, y: Tensor, x: Tensor, layer: int, module: str, batch: LoraBatch) -> None:
         group = batch.groups.get(module)
@@ -212,12 +255,12 @@ class TorchLoraOp(LoraOp):
         if plan.shrink is not None and plan.shrink[0] == x_key:
             s = plan.shrink[2]
         else:
-            a_cat, _ = self._gathered(layer, group, plan)
+            a_cat = plan.weights[(layer, group)][0]
             xs = x[plan.rows] if plan.gather is None else x.index_select(0, plan.gather)  # [n*len, in]
             s = torch.bmm(xs.to(a_cat.dtype).reshape(n, length, -1), a_cat)  # [n, len, g*r]
             plan.shrink = (x_key, x, s)  # holding x keeps its storage (and data_ptr) ours
         j = group.index(module)
-        b = self._gathered(layer, group, plan)[1][j]
+        b = plan.weights[(layer, group)][1][j]
         s_j = s[:, :, j * r:(j + 1) * r]  # [n, len, r]
         if plan.gather is None and y.dtype == b.dtype and y.is_contiguous():
             y[plan.rows].view(n, length, -1).baddbmm_(s_j, b)  # in place: no [T, out] temporary

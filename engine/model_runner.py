@@ -1,10 +1,12 @@
 """One packed forward pass per step over the HF model's own weights, with a paged KV cache and a
 batched LoRA op on every target projection.
 
-A step is either a prefill (all tokens of several sequences concatenated, causal attention within
-each sequence) or a decode (one token per row, attention over the row's paged context). Rows are
-ordered so that rows with the same adapter slot are consecutive: that is the segment layout the
-LoRA op (SGMV-style) reads. Logits are computed only for each sequence's last token: for SmolLM2
+A step packs decode rows (one token each, attention over the row's paged context) and prompt
+chunks (several tokens of one sequence: causal attention within the chunk, after the sequence's
+earlier chunks, read back from the cache), so a prompt joins running rows in their step, whole or
+split over steps (Sarathi-Serve, vLLM v1). Within the decode rows and within the chunks, rows with
+the same adapter slot are consecutive: that is the segment layout the LoRA op (SGMV-style) reads.
+Logits are computed only for the last token of each row that reaches its end: for SmolLM2
 the vocabulary projection is 57 MFLOP per token against 212 for all 30 layers, so projecting every
 prefill token would add ~27% to a prefill step (and [T, 49152] fp32 logits: 430 MB at T=2240).
 
@@ -17,7 +19,7 @@ copying them. Fusing q/k/v and gate/up into one GEMM each was measured (SmolLM2 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,20 +53,32 @@ class _Layer:
 
 
 @dataclass
-class StepInputs:
-    """Per-step metadata, built once on the host and shared by every layer."""
+class _Chunk:
+    """One prompt chunk's attention: packed tokens [start, end), the next tokens of its sequence."""
 
-    input_ids: Tensor  # [T] packed tokens, rows grouped by adapter slot
+    start: int
+    end: int
+    context: Tensor | None  # [blocks] its sequence's cache blocks up to the chunk's end; None: a first chunk
+    masks: dict[int | None, Tensor | None]  # window (None: full) -> [n, keys] bool, keys visible; None: causal
+
+
+@dataclass
+class StepInputs:
+    """Per-step metadata, built once on the host and shared by every layer. The packed tokens are
+    one per decode row first (rows grouped by adapter slot), then each prompt chunk."""
+
+    input_ids: Tensor  # [T]
     positions: Tensor  # [T]
     slot_mapping: Tensor  # [T] flat cache slot receiving each token's K/V
-    last_index: Tensor  # [B] packed row of each sequence's last token, in the caller's order
+    last_index: Tensor  # [N] packed index of the last token of each row that reaches its end, in caller order
+    row_start: list[int]  # packed index of each row's first token, in caller order
     lora: LoraBatch | None  # None when no row has an adapter
-    # prefill: (start, end) of each sequence in the packed tokens, and its mask per window
-    bounds: list[tuple[int, int]] | None = None
-    prefill_masks: dict[int, list[Tensor | None]] | None = None  # window -> per sequence [n, n] or None (causal)
-    # decode: the cache blocks of each row's whole context, and which of their positions it may see
-    block_index: Tensor | None = None  # [B * max_blocks] cache blocks of each row, zero-padded
-    decode_masks: dict[int | None, Tensor] | None = None  # window -> [B, 1, 1, max_blocks * block_size] bool
+    # decode rows: the first num_decode tokens; the cache blocks of each one's context, and which
+    # of their positions it may see
+    num_decode: int = 0
+    block_index: Tensor | None = None  # [num_decode * max_blocks] cache blocks of each row, zero-padded
+    decode_masks: dict[int | None, Tensor] | None = None  # window -> [num_decode, 1, 1, max_blocks * block_size]
+    chunks: list[_Chunk] = field(default_factory=list)  # the prompt chunks, after the decode rows
 
 
 def _window(config, layer_idx: int) -> int | None:
@@ -106,20 +120,14 @@ class ModelRunner:
 
     # ---- step metadata -------------------------------------------------------------------------
 
-    def _order(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
-        """Packing order (rows grouped by adapter slot, stable) and the LoRA segments: slot-group
-        sizes in rows (multiplied by tokens per row by the caller) and each group's slot."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].adapter_slot)
-        seg_rows: list[int] = []
-        seg_slots: list[int] = []
-        for i in order:
-            slot = seqs[i].adapter_slot
-            if seg_slots and seg_slots[-1] == slot:
-                seg_rows[-1] += 1
-            else:
-                seg_rows.append(1)
-                seg_slots.append(slot)
-        return order, seg_rows, seg_slots
+    def _grouped(self, rows: list[int], seqs: list[Sequence]) -> list[int]:
+        """`rows` grouped by adapter slot: base rows first, then the slots in the LoRA op's order
+        (which keeps a slot where it was in the step before)."""
+        slots = sorted({seqs[i].adapter_slot for i in rows} - {-1})
+        if self.lora_op is not None:
+            slots = self.lora_op.order(slots)
+        place = {slot: k for k, slot in enumerate([-1, *slots])}
+        return sorted(rows, key=lambda i: place[seqs[i].adapter_slot])
 
     def _lora_batch(self, seg_lens: list[int], seg_slots: list[int]) -> LoraBatch | None:
         if self.lora_op is None or all(s < 0 for s in seg_slots):
@@ -129,100 +137,117 @@ class ModelRunner:
     def _tensor(self, data) -> Tensor:
         return torch.tensor(data, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> StepInputs:
-        """All tokens of each sequence from position 0 (a preempted sequence recomputes its outputs too)."""
+    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
+        """Row i runs tokens [c, c + num_new[i]) of seqs[i], c its num_computed_tokens. Rows of one
+        token (decode rows) are packed first, grouped by adapter slot in the LoRA op's order, so
+        their segments stay where they were from one step to the next; prompt chunks follow, by slot."""
         bs = self.kv_cache.block_size
-        order, _, seg_slots = self._order(seqs)
+        decode = self._grouped([i for i, n in enumerate(num_new) if n == 1], seqs)
+        chunks = sorted((i for i, n in enumerate(num_new) if n > 1), key=lambda i: seqs[i].adapter_slot)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        bounds: list[tuple[int, int]] = []
         seg_lens: list[int] = []
-        last = [0] * len(seqs)
-        prev_slot = None
-        for i in order:
-            seq = seqs[i]
-            n = seq.num_tokens
-            start = len(ids)
-            ids.extend(seq.token_ids)
-            positions.extend(range(n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
-            bounds.append((start, start + n))
-            last[i] = start + n - 1
-            if prev_slot == seq.adapter_slot:
-                seg_lens[-1] += n
-            else:
-                seg_lens.append(n)
-            prev_slot = seq.adapter_slot
-        masks: dict[int, list[Tensor | None]] = {}
-        for w in self.windows:
-            masks[w] = [None if e - s <= w else _sliding_causal(e - s, w, self.device) for s, e in bounds]
-        return StepInputs(
+        seg_slots: list[int] = []
+        row_start = [0] * len(seqs)
+        for part in (decode, chunks):
+            first_segment = len(seg_slots)  # a segment never spans decode rows and a chunk
+            for i in part:
+                seq, n = seqs[i], num_new[i]
+                c, table = seq.num_computed_tokens, seq.block_table
+                row_start[i] = len(ids)
+                ids.extend(seq.token_ids[c:c + n])
+                positions.extend(range(c, c + n))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
+                if len(seg_slots) > first_segment and seg_slots[-1] == seq.adapter_slot:
+                    seg_lens[-1] += n
+                else:
+                    seg_lens.append(n)
+                    seg_slots.append(seq.adapter_slot)
+        last = [row_start[i] + n - 1 for i, (seq, n) in enumerate(zip(seqs, num_new, strict=True))
+                if seq.num_computed_tokens + n == seq.num_tokens]
+        step = StepInputs(
             input_ids=self._tensor(ids), positions=self._tensor(positions), slot_mapping=self._tensor(slots),
-            last_index=self._tensor(last), lora=self._lora_batch(seg_lens, seg_slots),
-            bounds=bounds, prefill_masks=masks,
+            last_index=self._tensor(last), row_start=row_start, lora=self._lora_batch(seg_lens, seg_slots),
+            num_decode=len(decode), chunks=[self._chunk(seqs[i], row_start[i], num_new[i]) for i in chunks],
         )
+        if decode:
+            self._decode_metadata(step, [seqs[i] for i in decode])
+        return step
 
-    def prepare_decode(self, seqs: list[Sequence]) -> StepInputs:
-        """One token per row: the newest token (its K/V not yet cached) at position num_tokens - 1."""
+    def _decode_metadata(self, step: StepInputs, rows: list[Sequence]) -> None:
+        """Each decode row's context (its tokens up to the one it runs) as whole cache blocks (one
+        12 KB row each for SmolLM2, not one per token); positions past it are masked."""
         bs = self.kv_cache.block_size
-        order, seg_rows, seg_slots = self._order(seqs)
-        packed = [seqs[i] for i in order]
-        lens = [s.num_tokens for s in packed]
-        ctx = max(lens)
-        max_blocks = -(-ctx // bs)
-        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in packed]
-        last = [0] * len(seqs)
-        for row, i in enumerate(order):
-            last[i] = row
-        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(packed, lens, strict=True)]
-        # whole blocks are gathered (one 12 KB row each for SmolLM2, not one per token); positions
-        # past a row's length (the rest of its last block, padding blocks) are masked
+        lens = [s.num_computed_tokens + 1 for s in rows]
+        max_blocks = -(-max(lens) // bs)
+        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in rows]
         lens_t = torch.tensor(lens, dtype=torch.long)[:, None]  # [B, 1]
         pos = torch.arange(max_blocks * bs)[None, :]  # [1, L]
         visible = pos < lens_t
         masks: dict[int | None, Tensor] = {None: visible[:, None, None, :].to(self.device, non_blocking=True)}
         for w in self.windows:
             masks[w] = (visible & (pos >= lens_t - w))[:, None, None, :].to(self.device, non_blocking=True)
-        return StepInputs(
-            input_ids=self._tensor([s.token_ids[-1] for s in packed]), positions=self._tensor([n - 1 for n in lens]),
-            slot_mapping=self._tensor(slots), last_index=self._tensor(last),
-            lora=self._lora_batch(seg_rows, seg_slots),
-            block_index=self._tensor([b for t in tables for b in t]), decode_masks=masks,
-        )
+        step.block_index = self._tensor([b for t in tables for b in t])
+        step.decode_masks = masks
+
+    def _chunk(self, seq: Sequence, start: int, n: int) -> _Chunk:
+        """A chunk of n tokens from position c = seq.num_computed_tokens: the first (c = 0) attends
+        within itself; a later one also to the earlier chunks, read back from the cache."""
+        c = seq.num_computed_tokens
+        if c == 0:
+            masks: dict[int | None, Tensor | None] = {None: None}
+            for w in self.windows:
+                masks[w] = None if n <= w else _sliding_causal(n, w, self.device)
+            return _Chunk(start, start + n, None, masks)
+        num_blocks = -(-(c + n) // self.kv_cache.block_size)
+        q_pos = torch.arange(c, c + n)[:, None]  # [n, 1]
+        k_pos = torch.arange(num_blocks * self.kv_cache.block_size)[None, :]  # [1, keys]
+        causal = k_pos <= q_pos
+        masks = {None: causal.to(self.device, non_blocking=True)}
+        for w in self.windows:
+            masks[w] = (causal & (q_pos - k_pos < w)).to(self.device, non_blocking=True)
+        return _Chunk(start, start + n, self._tensor(seq.block_table[:num_blocks]), masks)
 
     # ---- forward -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], prefill: bool) -> Tensor:
-        """Logits [B, V] fp32 of each sequence's last token, row i for seqs[i]. K/V of every
-        processed token is written into the sequence's cache blocks (allocated by the caller)."""
-        step = self.prepare_prefill(seqs) if prefill else self.prepare_decode(seqs)
-        return self.forward(step)
+    def run(self, seqs: list[Sequence], num_new: list[int] | None = None) -> Tensor:
+        """Row i runs its next num_new[i] tokens (default: every token not yet cached) from its
+        num_computed_tokens on: their K/V goes into its cache blocks (allocated by the caller) and
+        they count as computed. Returns logits [N, V] fp32 of the last token of each row that
+        reaches its end (every row, unless a prompt is still being prefilled), in the order of seqs."""
+        num_new = [s.num_uncomputed_tokens for s in seqs] if num_new is None else num_new
+        logits = self.forward(self.prepare(seqs, num_new))
+        _advance(seqs, num_new)
+        return logits
 
     @torch.inference_mode()
-    def run_scored(self, seqs: list[Sequence], scored: list[int]) -> tuple[Tensor, dict[int, list[float]]]:
-        """A prefill step, `run(seqs, prefill=True)`, that also scores the prompts of seqs[i] for i
-        in `scored` (LoRAX's decoder_input_details): for prompt position p in 1..n-1, the logprob of
-        token p given tokens 0..p-1, log_softmax of the raw logits (no penalty, no temperature).
-        Returns the logits [B, V] and, per scored row, its n - 1 logprobs. The vocabulary
-        projection runs SCORE_CHUNK prompt tokens at a time, so [T, V] logits never exist at once."""
-        step = self.prepare_prefill(seqs)
+    def run_scored(self, seqs: list[Sequence], num_new: list[int], scored: list[int]
+                   ) -> tuple[Tensor, dict[int, list[float]]]:
+        """`run(seqs, num_new)` that also scores the prompt tokens of seqs[i] for i in `scored`
+        (LoRAX's decoder_input_details): for each prompt position p the step runs, with p + 1 a
+        prompt position too, the logprob of token p + 1 given tokens 0..p: log_softmax of the raw
+        logits (no penalty, no temperature). Returns the logits and, per scored row, those logprobs
+        in order (a prompt chunked over steps is scored chunk by chunk). The vocabulary projection
+        runs SCORE_CHUNK prompt tokens at a time, so [T, V] logits never exist at once."""
+        step = self.prepare(seqs, num_new)
         h = self._hidden(step)  # [T, hidden]
-        last = step.last_index.tolist()
         scores: dict[int, list[float]] = {}
         for i in scored:
-            seq = seqs[i]
-            start, n = last[i] + 1 - seq.num_tokens, seq.num_prompt_tokens
-            targets = torch.tensor(seq.token_ids[1:n], dtype=torch.long, device=h.device)  # [n-1]
+            seq, c = seqs[i], seqs[i].num_computed_tokens
+            end = min(c + num_new[i], seq.num_prompt_tokens - 1)  # positions p < end are scored
+            targets = torch.tensor(seq.token_ids[c + 1:end + 1], dtype=torch.long, device=h.device)  # [end - c]
             out: list[float] = []
-            for c in range(0, n - 1, SCORE_CHUNK):
-                rows = torch.arange(start + c, start + min(c + SCORE_CHUNK, n - 1), device=h.device)
+            for p in range(c, end, SCORE_CHUNK):
+                first = step.row_start[i] + p - c
+                rows = torch.arange(first, first + min(SCORE_CHUNK, end - p), device=h.device)
                 logp = torch.log_softmax(self._logits(h, rows), dim=-1)  # [chunk, V]
-                out += logp.gather(1, targets[c:c + len(rows), None])[:, 0].tolist()
+                out += logp.gather(1, targets[p - c:p - c + len(rows), None])[:, 0].tolist()
             scores[i] = out
-        return self._logits(h, step.last_index), scores
+        logits = self._logits(h, step.last_index)
+        _advance(seqs, num_new)
+        return logits, scores
 
     def forward(self, step: StepInputs) -> Tensor:
         return self._logits(self._hidden(step), step.last_index)
@@ -244,8 +269,8 @@ class ModelRunner:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             layer.k_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, k)  # flat slot = block * size + offset
             layer.v_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, v)
-            if step.bounds is not None:
-                o = self._prefill_attention(q, k, v, step, layer.window)
+            if step.chunks:
+                o = self._mixed_attention(q, k, v, layer, step)
             else:
                 o = self._decode_attention(q, layer, step)
             h = h + self._project(o, layer, i, "o_proj", step.lora)  # [T, hidden]
@@ -260,7 +285,7 @@ class ModelRunner:
         """y = x W^T + b, plus each row's LoRA delta (in place). x [T, in] -> [T, out]."""
         weight, bias = layer.linear[module]
         y = F.linear(x, weight, bias)
-        if lora is not None:
+        if lora is not None and self.lora_op is not None:
             self.lora_op.apply(y, x, i, module, lora)
         return y
 
@@ -270,14 +295,24 @@ class ModelRunner:
             return F.rms_norm(x, weight.shape, weight, self.eps)
         return weight * F.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
 
-    def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: StepInputs, window: int | None) -> Tensor:
-        """Causal attention within each packed sequence. q [T, H, D], k/v [T, KV, D] -> [T, H * D]."""
+    def _mixed_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: _Layer, step: StepInputs) -> Tensor:
+        """The decode rows (the first num_decode tokens) as `_decode_attention`, then each prompt
+        chunk: causal within itself, after its sequence's earlier chunks, which are read back from
+        the cache (as are its own K/V, written there before). q [T, H, D], k/v [T, KV, D] -> [T, H * D]."""
         out = torch.empty_like(q)
-        masks = step.prefill_masks[window] if window is not None else None
-        for j, (s, e) in enumerate(step.bounds):
-            mask = masks[j] if masks is not None else None
+        d = step.num_decode
+        if d:
+            out[:d] = self._decode_attention(q[:d], layer, step).view(d, self.num_heads, self.head_dim)
+        for chunk in step.chunks:
+            s, e = chunk.start, chunk.end
+            if chunk.context is None:
+                keys, values = k[s:e], v[s:e]  # [n, KV, D]
+            else:
+                keys = layer.k_cache.index_select(0, chunk.context).flatten(0, 1)  # [blocks * size, KV, D]
+                values = layer.v_cache.index_select(0, chunk.context).flatten(0, 1)
+            mask = chunk.masks[layer.window]
             out[s:e] = F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+                q[s:e].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True,
             )[0].transpose(0, 1)
         return out.view(q.shape[0], -1)
@@ -285,6 +320,7 @@ class ModelRunner:
     def _decode_attention(self, q: Tensor, layer: _Layer, step: StepInputs) -> Tensor:
         """Each row's query against its paged context. q [B, H, D] -> [B, H * D]. The H query heads of
         one KV head form the query "length" axis ([B, KV, H/KV, D]), so no K/V repeat is needed."""
+        assert step.block_index is not None and step.decode_masks is not None  # set for every decode step
         b = q.shape[0]
         shape = (b, -1, self.num_kv_heads, self.head_dim)  # [B, L, KV, D]
         k = layer.k_cache.index_select(0, step.block_index).view(shape).transpose(1, 2)  # [B, KV, L, D]
@@ -292,6 +328,12 @@ class ModelRunner:
         q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, KV, G, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_masks[layer.window], scale=self.scaling)
         return out.reshape(b, -1)
+
+
+def _advance(seqs: list[Sequence], num_new: list[int]) -> None:
+    """The step's tokens are in the cache now."""
+    for seq, n in zip(seqs, num_new, strict=True):
+        seq.num_computed_tokens += n
 
 
 def _data(p: torch.nn.Parameter | None) -> Tensor | None:

@@ -103,7 +103,8 @@ class Sampler:
                 if params.return_k_alternatives:
                     values, ids = torch.sort(logp[w], descending=True, stable=True)  # [V]
                     k = min(params.return_k_alternatives, logp.shape[1])
-                    alternatives[i] = list(zip(ids[:k].tolist(), values[:k].tolist(), strict=True))
+                    alternatives[i] = [(t, v) for t, v in zip(ids[:k].tolist(), values[:k].tolist(), strict=True)
+                                       if v != float("-inf")]  # tokens the grammar masked are no alternatives
         return Sampled(token_ids.tolist(), logprobs, alternatives)
 
 

@@ -1,7 +1,10 @@
 """Who runs next: per-adapter waiting queues, fair admission, a KV block budget, preemption.
 
-Iteration-level (vLLM / nano-vllm): every step either admits waiting sequences (a prefill step) or
-advances every running sequence by one token (a decode step); finished sequences leave at once.
+Iteration-level with chunked prefill (vLLM v1, Sarathi-Serve): a step packs every running row
+that decodes (one token each) and then prompt chunks up to a token budget (max_batched_tokens):
+first the prompts already being prefilled, oldest first, then newly admitted ones. A prompt longer
+than what is left of the budget is split over steps, so an arriving job joins the running rows'
+step instead of stalling them for a prefill of its own; finished sequences leave at once.
 
 Fairness across adapters, in the spirit of LoRAX:
 - At most `max_active` distinct adapters (adapter_max_active, else the device slot count) may admit
@@ -44,8 +47,20 @@ class AdapterGate(Protocol):
 
 @dataclass
 class Batch:
-    seqs: list[Sequence]
-    prefill: bool
+    """One step's rows. Each runs its next tokens from its num_computed_tokens on."""
+
+    decode: list[Sequence]  # one token each: the newest output, whose K/V is not cached yet
+    chunks: list[tuple[Sequence, int]]  # (sequence, tokens) of its prompt (and outputs, when recomputing)
+
+    @property
+    def rows(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens it runs this step), decode rows first."""
+        return [(seq, 1) for seq in self.decode] + self.chunks
+
+    @property
+    def admitted(self) -> list[Sequence]:
+        """Rows that start (or, preempted, restart) this step; read before the step runs."""
+        return [seq for seq, _ in self.chunks if seq.num_computed_tokens == 0]
 
 
 @dataclass
@@ -151,15 +166,24 @@ class Scheduler:
     # ---- the policy ---------------------------------------------------------------------------
 
     def schedule(self) -> ScheduleOutcome:
+        """Decode rows first (always all of them), then prompt chunks within what is left of the
+        token budget: the prompts already started, then newly admitted ones. Nothing is admitted in
+        a step that had to preempt (blocks ran short: it would only be preempted again)."""
         self.steps += 1
         outcome = ScheduleOutcome(batch=None)
         self._rotate(outcome.failed)
-        admitted = self._admit_waiting(outcome.failed)
-        if admitted:
-            outcome.batch = Batch(admitted, prefill=True)
-        elif self.running:
-            decode = self._reserve_decode()
-            outcome.batch = Batch(decode, prefill=False) if decode else None
+        preemptions = self.num_preemptions
+        decode = self._reserve_decode()
+        budget = self.max_batched_tokens - len(decode)
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:  # prompts being prefilled over several steps, oldest first
+            if not seq.is_decoding and budget > 0:
+                chunks.append((seq, min(seq.num_uncomputed_tokens, budget)))
+                budget -= chunks[-1][1]
+        if self.num_preemptions == preemptions:
+            chunks += self._admit_waiting(outcome.failed, budget)
+        if decode or chunks:
+            outcome.batch = Batch(decode, chunks)
         return outcome
 
     def _poll(self, key: str, failed: list[tuple[Sequence, EngineError]]) -> bool:
@@ -210,24 +234,22 @@ class Scheduler:
                     break
         return ready
 
-    def _admit_waiting(self, failed: list[tuple[Sequence, EngineError]]) -> list[Sequence]:
-        """Fill free rows from eligible queues, fewest running rows first, then oldest head."""
+    def _admit_waiting(self, failed: list[tuple[Sequence, EngineError]], budget: int) -> list[tuple[Sequence, int]]:
+        """Fill free rows from eligible queues, fewest running rows first, then oldest head, while
+        the step's token budget lasts; each admitted row's first chunk takes what it can of it. A
+        row takes the KV blocks of all its tokens at once: a prompt is never stuck half-prefilled."""
         eligible: list[str | None] = [k for k in self.active if not self.active[k].draining and k in self.queues]
         if None in self.queues:
             eligible.append(None)
         heap = [self._priority(k) for k in eligible]
         heapq.heapify(heap)
-        admitted: list[Sequence] = []
-        tokens = 0
-        while heap and len(self.running) < self.max_batch:
+        admitted: list[tuple[Sequence, int]] = []
+        while heap and len(self.running) < self.max_batch and budget > 0:
             *_, key = heapq.heappop(heap)
             if key is not None and not self._poll(key, failed):
                 continue  # loading again (e.g. evicted from host RAM), or failed: others go on
             seq = self.queues[key][0]
-            # strict order on budgets: a long prompt is not overtaken forever by short ones
-            if admitted and tokens + seq.num_tokens > self.max_batched_tokens:
-                break
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq):  # strict order: a long prompt is not overtaken forever
                 break
             slot = -1
             if seq.request.adapter is not None and self.adapters is not None:
@@ -236,8 +258,8 @@ class Scheduler:
                     continue  # every device slot is pinned: this adapter waits, others go on
                 slot = acquired
             self._admit(seq, key, slot)
-            admitted.append(seq)
-            tokens += seq.num_tokens
+            admitted.append((seq, min(seq.num_tokens, budget)))
+            budget -= admitted[-1][1]
             if key in self.queues:
                 heapq.heappush(heap, self._priority(key))
         return admitted
@@ -246,10 +268,11 @@ class Scheduler:
         return (self.num_running_by_key.get(key, 0), self.queues[key][0].arrival_time, next(self._tiebreak), key)
 
     def _reserve_decode(self) -> list[Sequence]:
-        """Make room for each running sequence's next K/V, preempting the newest when blocks run out."""
+        """The running rows whose prompt is computed, each with room for its newest token's K/V;
+        the newest running row is preempted while blocks run short."""
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted below on behalf of an older sequence
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+                continue  # preempted below on behalf of an older sequence, or prefilling
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -257,4 +280,4 @@ class Scheduler:
                     break
             else:
                 self.blocks.append(seq)
-        return list(self.running)
+        return [seq for seq in self.running if seq.is_decoding]

@@ -37,12 +37,14 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V is in its blocks: the runner advances it, freeing resets it
     adapter_slot: int = -1  # device slot of its adapter while running; -1: base model
     prefetch: Lease | None = None  # holds its adapter in the host tier until its first admission
     adapter_generation: int = 0  # the adapter version the store held when the request arrived
     adapter_load_ms: float = 0.0  # the load it waited for (set at its first admission)
     events: list[TokenEvent] = field(default_factory=list)  # kept only with params.logprobs
     prefill: tuple[ScoredToken, ...] | None = None  # its prompt scored (params.prompt_logprobs), once
+    prompt_scores: list[float] = field(default_factory=list)  # logprobs of prompt tokens 1.. so far (chunked)
     finish_reason: str | None = None
     num_preemptions: int = 0
     admitted_at: float | None = None  # time.time() of its first admission
@@ -72,6 +74,16 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model: 1 while decoding, more while its prompt is prefilled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Everything is cached but its newest token, an output: it runs one token a step."""
+        return self.num_uncomputed_tokens == 1 and len(self.token_ids) > self.num_prompt_tokens
 
     @property
     def max_new_tokens(self) -> int:

@@ -94,8 +94,8 @@ def _round(runner: ModelRunner, sampler: Sampler, blocks: BlockManager, tokenize
     try:
         for seq in rows:
             blocks.allocate(seq)
-        for step in range(DECODE_STEPS + 1):
-            logits = runner.run(rows, prefill=step == 0)  # [rows, V]
+        for _ in range(DECODE_STEPS + 1):
+            logits = runner.run(rows)  # [rows, V]: the prompts, then one token each
             token_ids = sampler.sample(logits, states, [seq.token_ids for seq in rows])[0]
             for seq, detokenizer, token_id in zip(rows, detokenizers, token_ids, strict=True):
                 seq.token_ids.append(token_id)

@@ -248,7 +248,7 @@ async def delete_topology(topology: Topology) -> None:
             except aio_pika.exceptions.AMQPError:
                 pass
         for name in (topology.exchange, topology.dlx, topology.results_exchange,
-                     topology.affinity_exchange, topology.affinity_fallback):
+                     topology.affinity_exchange, topology.affinity_fallback, topology.cancel_exchange):
             channel = await connection.channel()
             try:
                 await channel.exchange_delete(name)

@@ -1,13 +1,14 @@
 """`loraq gateway`: an HTTP front door that speaks LoRAX's REST API and OpenAI's, on top of the queue.
 
-Each HTTP request becomes one job on the jobs exchange (wire protocol v1, the same contract any
-backend app uses) and its replies become the HTTP response, so `lorax-client`, the `openai` SDK or
-curl work unchanged against loraq by changing a base URL. The gateway keeps no state beyond its
-in-flight requests: run as many as you like behind a load balancer. Never imports torch.
+Each HTTP request becomes a job on the jobs exchange (the wire contract any backend app uses:
+docs/protocol.md; OpenAI's `n` makes n jobs) and its replies become the HTTP response, so
+`lorax-client`, the `openai` SDK or curl work unchanged against loraq by changing a base URL. The
+gateway keeps no state beyond its in-flight requests: run as many as you like behind a load
+balancer. Never imports torch.
 
     settings.py       GatewaySettings: flags with LORAQ_* env twins
     tracker.py        JobTracker: one robust connection, one reply queue, in-flight jobs by id
-    wire.py           what the wire carries today: which parameters pass, which are refused
+    wire.py           the job bodies (LoRAX dialect for LoRAX routes, v1 for OpenAI), request readers
     errors.py         GatewayError and its mapping to LoRAX's and OpenAI's status codes and bodies
     auth.py           optional bearer tokens (env or file)
     metrics.py        Prometheus request / latency / status metrics

@@ -25,6 +25,7 @@ LoRAX's router answers adapter load failures and shard errors as 424 `generation
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -63,6 +64,8 @@ OPENAI: dict[str, tuple[int, str, str | None]] = {
     TOO_LARGE: (413, "invalid_request_error", None),
 }
 RETRYABLE = frozenset({protocol.OVERLOADED, UNAVAILABLE})
+# the field a wire message names first: "parameters.top_k must be ...", "messages[2].role ..."
+_FIELD = re.compile(r"^(?:parameters\.(\w+)|(messages)\b)")
 
 
 class GatewayError(Exception):
@@ -82,11 +85,12 @@ class GatewayError(Exception):
     def from_reply(cls, reply: protocol.ErrorReply) -> GatewayError:
         """A worker's error reply. Overloaded stays retryable after the worker gave up retrying."""
         kind = reply.error_type if reply.error_type in protocol.ERROR_TYPES else protocol.INTERNAL
-        return cls(kind, reply.error, retryable=reply.retryable or kind in RETRYABLE)
+        return cls(kind, reply.error, param=field_of(reply.error),
+                   retryable=reply.retryable or kind in RETRYABLE)
 
     @classmethod
     def from_protocol(cls, e: protocol.ProtocolError) -> GatewayError:
-        return cls(e.error_type, e.message, retryable=e.retryable)
+        return cls(e.error_type, e.message, param=field_of(e.message), retryable=e.retryable)
 
     def status(self, openai: bool) -> int:
         return (OPENAI if openai else LORAX)[self.kind][0]
@@ -109,6 +113,12 @@ class GatewayError(Exception):
         headers = {"x-should-retry": "true" if self.retryable else "false"} if openai else None
         return web.Response(status=self.status(openai), headers=headers,
                             text=json.dumps(body, ensure_ascii=False), content_type="application/json")
+
+
+def field_of(message: str) -> str | None:
+    """The request field a wire error message starts with (OpenAI's `param`), if any."""
+    m = _FIELD.match(message)
+    return (m.group(1) or m.group(2)) if m else None
 
 
 def is_openai_path(path: str) -> bool:

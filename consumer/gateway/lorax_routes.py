@@ -7,19 +7,21 @@
     GET  /info              the served model (what the gateway knows of it)
     GET  /health, GET /     200 while the broker is connected and a worker consumes the jobs queue
 
-Request parameters keep LoRAX's names and meaning; `wire.job_parameters` passes the ones the wire
-carries and refuses the others unless they are off. LoRAX's sampling rule is applied here (sample
-when `do_sample` or any warper is set: temperature other than 0 and 1, top_k, top_p < 1,
-typical_p < 1; temperature 0 is greedy), because the wire's v1 rule is `do_sample` alone.
+Request parameters keep LoRAX's names, defaults and meaning: the job is a LoRAX-dialect body (no
+`v`), so the worker applies LoRAX's sampling rule and max_new_tokens default, and every field
+LoRAX defines is carried (watermark true is the worker's to refuse). Responses follow LoRAX's
+shapes (lorax-client's types.py): details with prefill, tokens with special and alternative_tokens,
+skipped_tokens, seed and best_of_sequences, from the wire's typed result.
 
 Streams: each event is `{"token": {...}, "generated_text": null, "details": null}`; the last one
 carries the last token with `generated_text` and (with `details`) `details`. The wire's token
-replies do not say which one is last: the max_new_tokens-th is, and any other waits up to
-`stream_linger_ms` for the next reply (the worker publishes the result right after the last
-token); when the result comes later than that, a closing event carries the rest of the text in
-an extra token (empty, and marked special, when all of it was streamed). Streamed jobs always ask
-the wire for details, since every LoRAX token has a logprob. An error before the first token is
-an HTTP error; after it, an error event.
+replies do not say which one is last: the max_new_tokens-th is (when the request sets it), and
+any other waits up to `stream_linger_ms` for the next reply (the worker publishes the result right
+after the last token); when the result comes later than that, a closing event carries the rest of
+the text in an extra token (empty, and marked special, when all of it was streamed). Streamed jobs
+always ask the wire for details, since every LoRAX token has a logprob. An error before the first
+token is an HTTP error; after it, an error event. `best_of` > 1 and `decoder_input_details` are
+refused with stream, as LoRAX refuses them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from consumer.gateway.errors import GatewayError
 from consumer.gateway.settings import GatewaySettings
 from consumer.gateway.sse import EventStream
 from consumer.gateway.tracker import JobTracker, PendingJob
+from engine.request import ScoredToken
 
 
 def loraq_version() -> str:
@@ -83,7 +86,8 @@ class LoraxRoutes:
                    "max_batch_total_tokens", "max_waiting_tokens", "validation_workers",
                    "eager_prefill", "sha", "docker_label", "request_logger_url")
         return web.json_response({
-            "model_id": self.settings.model, "model_pipeline_tag": "lorax", "max_best_of": 1,
+            "model_id": self.settings.model, "model_pipeline_tag": "lorax",
+            "max_best_of": protocol.MAX_BEST_OF,
             "max_stop_sequences": protocol.Limits.max_stop_sequences,
             "version": loraq_version(), **dict.fromkeys(unknown)})
 
@@ -109,36 +113,16 @@ class LoraxRoutes:
         if not isinstance(params, dict):
             raise GatewayError(protocol.VALIDATION, "`parameters` must be an object",
                                param="parameters")
-        if stream and params.get("best_of") not in (None, 1):
-            raise GatewayError(protocol.VALIDATION, "`best_of` != 1 is not supported when "
-                                                    "streaming tokens", param="best_of")
-        if stream and params.get("decoder_input_details"):
+        if stream and params.get("decoder_input_details"):  # LoRAX's own check
             raise GatewayError(protocol.VALIDATION, "`decoder_input_details` == true is not "
                                                     "supported when streaming tokens",
                                param="decoder_input_details")
-        job_params = wire.job_parameters(self._sampling(params))
+        job_params = wire.job_parameters(params)
         if "max_new_tokens" not in job_params and self.settings.default_max_new_tokens:
             job_params["max_new_tokens"] = self.settings.default_max_new_tokens
         if stream:  # every streamed token needs its logprob: LoRAX always sends one
             job_params["details"] = True
-        return wire.job_body(inputs=inputs, parameters=job_params, stream=stream), params
-
-    @staticmethod
-    def _sampling(params: dict[str, Any]) -> dict[str, Any]:
-        """LoRAX's sampling rule (server/lorax_server/utils/tokens.py) as wire v1 parameters."""
-        temperature = wire.number(params.get("temperature"))
-        top_k, top_p, typical_p = (wire.number(params.get(k)) for k in ("top_k", "top_p", "typical_p"))
-        warpers = ((temperature is not None and temperature not in (0.0, 1.0))
-                   or (top_k is not None and top_k != 0)
-                   or (top_p is not None and top_p < 1.0)
-                   or (typical_p is not None and typical_p < 1.0))
-        out = dict(params)
-        do_sample = params.get("do_sample")
-        if do_sample is None or isinstance(do_sample, bool):  # a wrong type is left to validation
-            out["do_sample"] = (bool(do_sample) or warpers) and temperature != 0.0
-        if temperature == 0.0:
-            out["temperature"] = None  # greedy; wire v1 refuses temperature 0
-        return out
+        return wire.lorax_job_body(inputs=inputs, parameters=job_params, stream=stream), params
 
     async def _generate(self, data: dict[str, Any]) -> tuple[dict, dict[str, str]]:
         body, params = self._job(data, stream=False)
@@ -173,7 +157,8 @@ class LoraxRoutes:
         body, params = self._job(data, stream=True)
         adapter_id = body.get("parameters", {}).get("adapter_id")
         prefix = body["inputs"] if params.get("return_full_text") else ""
-        last_index = body["parameters"].get("max_new_tokens", wire.DEFAULT_MAX_NEW_TOKENS) - 1
+        max_new_tokens = body["parameters"].get("max_new_tokens")  # None: the worker's limit
+        last_index = None if max_new_tokens is None else max_new_tokens - 1
         linger = self.settings.stream_linger_ms / 1000.0
         job = await self.tracker.submit(body, adapter_id=adapter_id,
                                         timeout_s=self.settings.request_timeout_s)
@@ -196,7 +181,8 @@ class LoraxRoutes:
                             streamed += held["text"]
                         held = lorax_token(reply.token)
                         # the max_new_tokens-th token is the last for sure: wait for the result
-                        wait = None if reply.token.index >= last_index else linger
+                        last = last_index is not None and reply.token.index >= last_index
+                        wait = None if last else linger
                     else:
                         result = reply
                         text = result.generated_text[len(prefix):]
@@ -215,24 +201,18 @@ class LoraxRoutes:
 
 
 # ---- response shapes (lorax-client's types.py) ---------------------------------------------------
-# Fields LoRAX has and the wire does not carry yet are read with getattr and a LoRAX default, so
-# they appear once the protocol's reply models grow them (special, skipped, alternative_tokens,
-# skipped_tokens, prefill); best_of_sequences needs its shape first.
 
 def lorax_token(token: protocol.Token) -> dict:
-    out = {"id": token.id, "text": token.text, "logprob": token.logprob,
-           "special": bool(getattr(token, "special", False)),
-           "skipped": bool(getattr(token, "skipped", False))}
-    alternatives = getattr(token, "alternative_tokens", None)
-    if alternatives is not None:
-        out["alternative_tokens"] = [plain_token(a) for a in alternatives]
+    out = {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special,
+           "skipped": False}  # skipped: speculative decoding, which loraq has not
+    if token.alternative_tokens is not None:
+        out["alternative_tokens"] = [input_token(a) for a in token.alternative_tokens]
     return out
 
 
-def plain_token(token: Any) -> dict:
-    """{id, text, logprob} of a token-like value (a prefill or alternative token)."""
-    return {"id": getattr(token, "id", 0), "text": getattr(token, "text", ""),
-            "logprob": getattr(token, "logprob", None)}
+def input_token(token: ScoredToken) -> dict:
+    """LoRAX's InputToken / AlternativeToken: a prompt token or a generated token's alternative."""
+    return {"id": token.token_id, "text": token.text, "logprob": token.logprob}
 
 
 def closing_token(text: str) -> dict:
@@ -261,8 +241,14 @@ def generate_response(result: protocol.GenerationResult, details: bool) -> dict:
         d = result.details
         out["details"] = {
             "finish_reason": d.finish_reason, "prompt_tokens": d.prompt_tokens,
-            "generated_tokens": d.generated_tokens,
-            "skipped_tokens": getattr(d, "skipped_tokens", 0), "seed": d.seed,
-            "prefill": [plain_token(t) for t in getattr(d, "prefill", None) or ()],
-            "tokens": [lorax_token(t) for t in d.tokens or ()]}
+            "generated_tokens": d.generated_tokens, "skipped_tokens": 0, "seed": d.seed,
+            "prefill": [input_token(t) for t in d.prefill],
+            "tokens": [lorax_token(t) for t in d.tokens]}
+        if d.best_of_sequences is not None:  # absent otherwise, as LoRAX leaves it out
+            out["details"]["best_of_sequences"] = [
+                {"generated_text": b.generated_text, "finish_reason": b.finish_reason,
+                 "generated_tokens": b.generated_tokens, "seed": b.seed,
+                 "prefill": [input_token(t) for t in b.prefill],
+                 "tokens": [lorax_token(t) for t in b.tokens]}
+                for b in d.best_of_sequences]
     return out

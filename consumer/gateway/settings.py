@@ -32,11 +32,12 @@ class GatewaySettings:
     host: str = _opt("0.0.0.0", "address the HTTP server binds")
     port: int = _opt(8080, "HTTP port (0: any free port)")
     request_timeout_s: float = _opt(
-        120.0, "seconds a request waits for its job; also the job's deadline (x-deadline-ms), so a "
-               "job whose caller gave up or disconnected is never started after it")
+        120.0, "seconds a request waits for its job; also the job's deadline (x-deadline-ms); a "
+               "request that ends early (client gone) cancels its job")
     default_max_new_tokens: int | None = _opt(
         None, "max_new_tokens of requests that set none (LoRAX max_new_tokens, OpenAI max_tokens); "
-              "default: the wire's default")
+              "default: the wire's (LoRAX requests: the worker's --max-new-tokens, up to the "
+              "model's context, as LoRAX; OpenAI requests: v1's 64)")
     stream_linger_ms: float = _opt(
         10.0, "LoRAX streams: how long a token waits for the job's final reply, so that the last "
              "token event carries generated_text and details as TGI's does (0: never wait)")

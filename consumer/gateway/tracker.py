@@ -4,8 +4,8 @@ and the jobs in flight on it, told apart by correlation id.
     submit(body)        publish a job (mandatory, persistent, x-deadline-ms); a PendingJob back
     next(job)           its next reply: a TokenReply, the GenerationResult, or a GatewayError
                         raised for an error reply or at its deadline
-    forget(job)         the caller is gone: late replies are dropped; the job's deadline stops a
-                        worker from starting it later (the wire has no cancel message)
+    forget(job)         the caller is gone: late replies are dropped, and a job still waiting for
+                        its final reply is cancelled (consumer/cancel.py)
 
 After the broker connection comes back (aio-pika's robust connection redeclares the reply queue
 and consumes it again), every job still in flight is published again under its job id: a reply
@@ -30,7 +30,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
-from consumer import protocol
+from consumer import cancel, protocol
 from consumer.gateway.errors import UNAVAILABLE, GatewayError
 
 log = structlog.get_logger("loraq.gateway")
@@ -167,7 +167,8 @@ class JobTracker:
                 return reply
 
     def forget(self, job: PendingJob) -> None:
-        self._pending.pop(job.correlation_id, None)
+        if self._pending.pop(job.correlation_id, None) is not None and self._connection is not None:
+            cancel.send(self._connection, self.topology, job.job_id, self.content_type)  # no final reply: abandoned
 
     async def _timeout_error(self, job: PendingJob) -> GatewayError:
         if await self.workers() == 0:

@@ -1,11 +1,13 @@
-"""What the wire carries today, read from the protocol itself, and the job body built from a request.
+"""The job bodies the gateway publishes, read from the protocol itself, and small request readers.
 
-A request parameter the job's `parameters` map knows (`protocol.PARAMETER_NAMES`) is passed
-as it is; the worker validates it and its error comes back mapped. A parameter LoRAX or OpenAI
-defines but the wire does not carry yet is refused with a validation error naming it, unless it
-is at its "off" value (what LoRAX does when it is absent): never silently dropped. When the
-protocol gains one of them (e.g. `response_format`, `return_k_alternatives`), it passes through
-with no change here.
+Every LoRAX generate parameter is a wire parameter (`protocol.PARAMETER_NAMES`): a request's are
+passed as they are (None dropped, names the wire does not know left out, as LoRAX ignores unknown
+fields) and the worker validates their values; its error comes back mapped. The types are checked
+here first (`protocol.parse_body`), so a malformed request fails before it is published.
+
+Two dialects: LoRAX requests become LoRAX-dialect jobs (no `v`: the worker applies LoRAX's
+defaults and sampling rule, so the gateway does not re-implement them), OpenAI requests v1 jobs
+(explicit `do_sample`, since OpenAI samples by default).
 """
 
 from __future__ import annotations
@@ -19,27 +21,7 @@ from consumer import protocol
 from consumer.gateway.errors import TOO_LARGE, GatewayError
 
 WIRE_PARAMETERS = frozenset(protocol.PARAMETER_NAMES)
-DEFAULT_MAX_NEW_TOKENS = protocol.Parameters().sampling.max_new_tokens  # a job that sets none
-
-# LoRAX generate parameters the wire may not carry, with the values that mean "not used"
-OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "merged_adapters": (None,),
-    "best_of": (None, 1),
-    "watermark": (None, False),
-    "truncate": (None,),
-    "decoder_input_details": (None, False),
-    "return_k_alternatives": (None, 0),
-    "response_format": (None,),
-    "ignore_eos_token": (None, False),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "apply_chat_template": (None, False),
-}
-
-
-def supports(name: str) -> bool:
-    """Whether the job's parameters carry `name`."""
-    return name in WIRE_PARAMETERS
+TYPES_ONLY = protocol.Limits.unbounded()  # sizes are the worker's to check
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -57,34 +39,21 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def job_parameters(requested: dict[str, Any], *, where: str = "parameters") -> dict[str, Any]:
-    """The job's `parameters` from a request's: wire fields pass (None dropped), LoRAX fields the
-    wire lacks must be off, anything else is ignored as LoRAX ignores unknown fields. `where`
-    prefixes the field named in an error ("" for OpenAI's top-level fields)."""
-    out: dict[str, Any] = {}
-    for name, value in requested.items():
-        if name in WIRE_PARAMETERS:
-            if value is not None:
-                out[name] = value
-        elif name in OFF_VALUES and not _is_off(value, OFF_VALUES[name]):
-            raise unsupported(f"{where}.{name}" if where else name)
-    return out
+def job_parameters(requested: dict[str, Any]) -> dict[str, Any]:
+    """The job's `parameters` from a request's: wire fields pass (None dropped), others are left out."""
+    return {name: value for name, value in requested.items()
+            if name in WIRE_PARAMETERS and value is not None}
 
 
-def unsupported(param: str, why: str = "the queue's wire protocol does not carry it yet") -> GatewayError:
+def unsupported(param: str, why: str) -> GatewayError:
     return GatewayError(protocol.VALIDATION, f"{param} is not supported by this loraq version ({why})",
                         param=param.rpartition(".")[2])
 
 
-def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
-    # bool is an int in Python: False must not equal 0 where 0 is meaningful, and the reverse
-    return any(value is o or (type(value) is type(o) and value == o) for o in off)
-
-
 def job_body(*, inputs: str | None = None, messages: list[dict] | None = None,
              parameters: dict[str, Any], stream: bool) -> dict:
-    """The job map (protocol.job_body: type checks now, so a bad request fails before publishing;
-    the worker checks its limits). Raises GatewayError(validation)."""
+    """A v1 job map (protocol.job_body: types checked now, the worker checks its limits).
+    Raises GatewayError(validation)."""
     try:
         return protocol.job_body(inputs=inputs, messages=messages, parameters=parameters,
                                  stream=stream)
@@ -92,15 +61,21 @@ def job_body(*, inputs: str | None = None, messages: list[dict] | None = None,
         raise GatewayError.from_protocol(e) from None
 
 
+def lorax_job_body(*, inputs: str, parameters: dict[str, Any], stream: bool) -> dict:
+    """A LoRAX-dialect job map (no `v`), types checked as the worker will read it.
+    Raises GatewayError(validation)."""
+    body: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
+    if stream:
+        body["stream"] = True
+    try:
+        protocol.parse_body(body, TYPES_ONLY)
+    except protocol.ProtocolError as e:
+        raise GatewayError.from_protocol(e) from None
+    return body
+
+
 def unstreamed(generated_text: str, streamed: str) -> str:
     """What a stream must still send so that its text adds up to the result's: all of it was
     streamed in the usual case; none, or a part, when the result was answered from a worker's
     result cache (a job published again after a reconnect: no tokens stream then)."""
     return generated_text[len(streamed):] if generated_text.startswith(streamed) else ""
-
-
-def number(value: Any) -> float | None:
-    """value as a float when it is a real number (not a bool), else None (left for validation)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)

@@ -146,14 +146,14 @@ def assert_steps_match(runner: ModelRunner, blocks: BlockManager, seqs: list[Seq
                        expected) -> None:
     """One packed prefill, then `steps` greedy decode steps: before each step every row's logits
     are within 1e-3 of `expected(row, seq)` (fp32)."""
-    logits = runner.run(seqs, prefill=True)
+    logits = runner.run(seqs)
     for _ in range(steps):
         for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             torch.testing.assert_close(row, expected(i, seq), atol=1e-3, rtol=0)
         for seq, row in zip(seqs, logits, strict=True):
             seq.token_ids.append(int(row.argmax()))
             blocks.append(seq)
-        logits = runner.run(seqs, prefill=False)
+        logits = runner.run(seqs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -362,11 +362,11 @@ def test_exception_in_step_fails_only_that_step(make_engine, hf_models):
     real_run = engine.runner.run
     calls = {"n": 0}
 
-    def flaky_run(seqs, prefill):
+    def flaky_run(seqs, num_new):
         calls["n"] += 1
         if calls["n"] == 3:  # the second decode step of the first request
             raise RuntimeError("boom")
-        return real_run(seqs, prefill)
+        return real_run(seqs, num_new)
 
     engine.runner.run = flaky_run
     ids = prompt_ids(9, 5)
@@ -723,7 +723,7 @@ def test_embedded_smollm2_mixed_adapters_match_peft(tmp_path):
         seq.adapter_slot = list(SMOL_ADAPTERS).index(adapter) if adapter else -1
         blocks.allocate(seq)
         seqs.append(seq)
-    logits = runner.run(seqs, prefill=True)
+    logits = runner.run(seqs)
     for seq, row in zip(seqs, logits, strict=True):
         adapter = prompts[seq.request_id][0]
         torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)

@@ -200,12 +200,12 @@ def test_model_runner_with_triton_matches_torch_op(tiny_model_dirs, loaded_model
             seq.adapter_slot = slot
             blocks.allocate(seq)
             seqs.append(seq)
-        logits = [runner.run(seqs, prefill=True)]
+        logits = [runner.run(seqs)]
         for step in range(2):
             for seq in seqs:
                 seq.token_ids.append(10 + step)
                 blocks.append(seq)
-            logits.append(runner.run(seqs, prefill=False))
+            logits.append(runner.run(seqs))
         return logits
 
     for torch_logits, triton_logits in zip(steps(TorchLoraOp(slots)), steps(TritonLoraOp(slots)), strict=True):

@@ -1,5 +1,6 @@
 """Scheduler policy with fakes: admission limits, adapter readiness, fair sharing, bounded active
-adapters with time slices, preemption. No model: a tiny driver plays the engine's part."""
+adapters with time slices, preemption, steps that mix decode rows with prompt chunks under a token
+budget. No model: a tiny driver plays the engine's part."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.request import AdapterRef, EngineError, ErrorType, GenerationRequest, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
 _clock = itertools.count()
@@ -59,16 +60,29 @@ def make_scheduler(gate=None, blocks=1000, block_size=4, **config) -> Scheduler:
     return Scheduler(EngineConfig(**config), BlockManager(blocks, block_size), gate)
 
 
-def step(sched: Scheduler) -> tuple[list[Sequence], bool, list]:
-    """One engine step: schedule, give every row a token, finish rows at max_new_tokens."""
+def run_batch(sched: Scheduler) -> tuple[Batch | None, list]:
+    """One engine step: schedule, run each row's tokens, give a token to each row that reached its
+    end, finish rows at max_new_tokens. Returns the batch (None: nothing ran) and the failed."""
     outcome = sched.schedule()
-    if outcome.batch is None:
-        return [], False, outcome.failed
-    for seq in outcome.batch.seqs:
-        seq.token_ids.append(7)
-        if seq.num_output_tokens >= seq.max_new_tokens:
-            sched.finish(seq)
-    return outcome.batch.seqs, outcome.batch.prefill, outcome.failed
+    for seq, n in outcome.batch.rows if outcome.batch else []:
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)
+            if seq.num_output_tokens >= seq.max_new_tokens:
+                sched.finish(seq)
+    return outcome.batch, outcome.failed
+
+
+def run_step(sched: Scheduler) -> tuple[list[tuple[Sequence, int]], list]:
+    """`run_batch`, as the (sequence, tokens) rows and the failed."""
+    batch, failed = run_batch(sched)
+    return (batch.rows if batch else []), failed
+
+
+def step(sched: Scheduler) -> tuple[list[Sequence], bool, list]:
+    """`run_batch`, as the rows' sequences, whether a prompt chunk ran, and the failed."""
+    batch, failed = run_batch(sched)
+    return ([seq for seq, _ in batch.rows], bool(batch.chunks), failed) if batch else ([], False, failed)
 
 
 def test_rows_limited_by_max_batch_size_and_join_every_step():
@@ -84,16 +98,83 @@ def test_rows_limited_by_max_batch_size_and_join_every_step():
     assert prefill and batch == seqs[3:]
 
 
-def test_prefill_tokens_limited_but_an_oversized_prompt_runs_alone():
-    sched = make_scheduler(max_batched_tokens=25)
-    small = [make_seq(prompt=10) for _ in range(3)]
+def test_prompt_chunks_fill_the_token_budget_after_the_decode_rows():
+    sched = make_scheduler(max_batched_tokens=25, max_batch=4)
+    small = [make_seq(prompt=10, new=5) for _ in range(3)]
     for s in small:
         sched.add(s)
-    assert step(sched)[0] == small[:2]
-    assert step(sched)[0] == small[2:]
+    assert run_step(sched)[0] == [(small[0], 10), (small[1], 10), (small[2], 5)]  # the third is split
+    assert small[2].num_output_tokens == 0 and small[2].num_uncomputed_tokens == 5
     big = make_seq(prompt=40)
     sched.add(big)
-    assert step(sched)[0] == [big]
+    # decode rows first, then the prompt already started, then the new one takes what is left
+    assert run_step(sched)[0] == [(small[0], 1), (small[1], 1), (small[2], 5), (big, 18)]
+    assert run_step(sched)[0] == [(small[0], 1), (small[1], 1), (small[2], 1), (big, 22)]
+    assert big.num_output_tokens == 1 and big.num_computed_tokens == 40
+    assert run_step(sched)[0] == [(s, 1) for s in (*small, big)]
+
+
+def test_long_prompt_split_over_steps_while_running_rows_decode():
+    """An arriving long prompt does not stall the running rows: every step still decodes them."""
+    sched = make_scheduler(max_batched_tokens=16, max_batch=4)
+    running = [make_seq(prompt=3, new=20), make_seq("a", prompt=5, new=20)]
+    for s in running:
+        sched.add(s)
+    run_step(sched)
+    long = make_seq("b", prompt=50, new=2)
+    sched.add(long)
+    chunks = []
+    while long.num_output_tokens == 0:
+        rows, _ = run_step(sched)
+        assert rows[:2] == [(running[0], 1), (running[1], 1)]  # decoding every step
+        assert rows[2][0] is long
+        chunks.append(rows[2][1])
+    assert chunks == [14, 14, 14, 8] and sum(chunks) == long.num_prompt_tokens
+    assert long.num_computed_tokens == 50 and len(long.block_table) == sched.blocks.blocks_for(51)
+    assert run_step(sched)[0] == [(running[0], 1), (running[1], 1), (long, 1)]
+
+
+def test_budget_of_a_step_counts_every_decode_row():
+    sched = make_scheduler(max_batched_tokens=4, max_batch=4)
+    rows = [make_seq(prompt=1, new=10) for _ in range(4)]
+    for s in rows:
+        sched.add(s)
+    assert run_step(sched)[0] == [(s, 1) for s in rows]
+    late = make_seq(prompt=3)
+    sched.add(late)
+    assert run_step(sched)[0] == [(s, 1) for s in rows]  # max_batch rows: it waits
+    assert late.status is SequenceStatus.WAITING
+
+
+def test_admits_nothing_in_a_step_that_preempted():
+    sched = make_scheduler(FakeGate(), blocks=3, block_size=4, max_batch=4)
+    old, new = make_seq(prompt=4, new=10), make_seq(prompt=4, new=10)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)
+    other = make_seq("x", prompt=1)  # its own queue, and one block would hold it
+    sched.add(other)
+    rows, _ = run_step(sched)  # both need a second block, one is free: the newest, new, is preempted
+    assert rows == [(old, 1)] and new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0
+    assert other.status is SequenceStatus.WAITING and sched.blocks.num_free == 1
+    assert run_step(sched)[0] == [(old, 1), (other, 1)]  # admission again in the next step
+
+
+def test_preempted_prefill_restarts_from_its_first_token():
+    sched = make_scheduler(blocks=6, block_size=4, max_batched_tokens=4, max_batch=2)
+    old = make_seq(prompt=4, new=30)
+    sched.add(old)
+    run_step(sched)
+    long = make_seq(prompt=16)
+    sched.add(long)  # its 4 blocks taken at once; prefilled 3 tokens a step beside old's decode row
+    for _ in range(4):
+        rows, _ = run_step(sched)
+        assert rows == [(old, 1), (long, 3)]
+    assert long.num_computed_tokens == 12 and sched.blocks.num_free == 0
+    rows, _ = run_step(sched)  # old's 9th token needs a third block: the newest row, long, is preempted
+    assert rows == [(old, 1)] and long.status is SequenceStatus.WAITING and long.num_computed_tokens == 0
+    sched.finish(old)
+    assert run_step(sched)[0] == [(long, 4)]  # readmitted: its prompt from token 0 again
 
 
 def test_kv_blocks_limit_admission_in_order():
@@ -119,7 +200,7 @@ def test_loading_adapter_waits_without_blocking_others():
     assert slow.status is SequenceStatus.WAITING
     gate.states["slow"] = "ready"
     batch, prefill, _ = step(sched)
-    assert prefill and batch == [slow]
+    assert prefill and batch == [fast, base, slow]  # it joins their decode step
 
 
 def test_failed_adapter_fails_its_requests_only():

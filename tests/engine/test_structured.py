@@ -8,6 +8,7 @@ masks filled on the grammar thread while the forward runs."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from pathlib import Path
@@ -186,6 +187,21 @@ def test_formats_that_cannot_be_enforced_are_validation_errors(tokenizer, fmt, m
         grammar.close()
 
 
+def test_a_slow_tokenizer_refuses_constrained_jobs_only():
+    class SlowTokenizer:  # a Python tokenizer: no Rust backend for llguidance to read
+        def __len__(self) -> int:
+            return 300
+
+    grammar = Grammar(SlowTokenizer(), vocab_size=300, eos_token_ids={2}, device=torch.device("cpu"))
+    try:
+        assert grammar.fill([None]) is None
+        with pytest.raises(EngineError, match="needs a fast tokenizer") as raised:
+            grammar.matcher(ResponseFormat("regex", "a"))
+        assert raised.value.type is ErrorType.VALIDATION
+    finally:
+        grammar.close()
+
+
 # ---- through the engine ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -290,6 +306,19 @@ def test_eos_is_masked_until_the_grammar_accepts(make_engine):
     for rid in ("json", "json-ignore-eos"):
         assert_valid(outcomes[rid], CHARACTER)
         assert completion(outcomes[rid]).token_ids[-1] != 2  # the object's last byte ended it: no EOS step
+
+
+def test_logprobs_and_alternatives_of_constrained_rows_are_of_the_masked_distribution(make_engine):
+    engine = make_engine("llama")
+    outcomes = run_requests(engine, [constrained("alt", ResponseFormat("regex", "(yes|no)"), logprobs=True,
+                                                 return_k_alternatives=5)])
+    c = completion(outcomes["alt"])
+    assert c.text in ("yes", "no") and len(c.tokens) == 3
+    first, *rest = c.tokens
+    assert {a.token_id for a in first.alternatives} == set(byte_ids(engine.tokenizer, "yn"))
+    assert sum(math.exp(a.logprob) for a in first.alternatives) == pytest.approx(1.0)  # y and n share it all
+    for token in rest:  # one byte possible: probability 1, no masked token listed as an alternative
+        assert token.logprob == pytest.approx(0.0) and [a.token_id for a in token.alternatives] == [token.token_id]
 
 
 def test_padded_vocabulary_is_never_sampled_by_constrained_rows(tmp_path):

@@ -35,7 +35,7 @@ def test_compose_gateway_service():
     settings = GatewaySettings.from_args([], env=env)  # every value parses
     assert settings.load_tokens(env) == frozenset()  # no tokens by default: no auth
     port = settings.port
-    assert f"{port}:{port}" in gateway["ports"]
+    assert [interpolate(p) for p in gateway["ports"]] == [f"127.0.0.1:{port}:{port}"]  # this machine only by default
     assert f"127.0.0.1:{port}/healthz" in " ".join(gateway["healthcheck"]["test"])
     worker_env = compose["services"]["worker"]["environment"]  # shared names, same values
     for name in ("LORAQ_AMQP_URL", "LORAQ_MODEL", "LORAQ_ADAPTER_ROOT"):

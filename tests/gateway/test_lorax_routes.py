@@ -8,6 +8,7 @@ import requests
 from lorax import AsyncClient, Client
 from lorax.errors import GenerationError, OverloadedError, ShardTimeoutError, ValidationError
 
+from consumer import protocol
 from tests.fake_engine import expected_text
 from tests.gateway.harness import GatewayThread, gateway_settings
 
@@ -81,18 +82,32 @@ def test_stop_sequences_and_return_full_text(gateway):
     assert r.generated_text == "abc" + expected_text("abc")
 
 
-def test_temperature_zero_is_greedy_as_in_lorax(gateway):
-    # LoRAX accepts temperature 0 (greedy); wire v1 refuses it, so the gateway sends greedy
-    r = Client(gateway.url).generate("zero", temperature=0.0, max_new_tokens=30)
+def test_lorax_fields_reach_the_worker(gateway):
+    """Every LoRAX field is carried (LoRAX's own dialect on the wire): nothing refused on the way,
+    the worker's answer as LoRAX shapes it. (Their effects: tests/gateway/test_real_worker.py.)"""
+    r = Client(gateway.url).generate("zero", temperature=0.0, max_new_tokens=30, truncate=5,
+                                     ignore_eos_token=True, return_k_alternatives=2, details=True)
     assert r.generated_text == expected_text("zero", None, 30)
+    assert r.details.prefill == [] and r.details.best_of_sequences is None
+    resp = requests.post(f"{gateway.url}/generate", timeout=20, json={"inputs": "abc", "parameters": {
+        "max_new_tokens": 3, "frequency_penalty": 0.5, "presence_penalty": 0.5, "unknown_field": 1,
+        "response_format": {"type": "json_object", "schema": {"type": "object"}}}})
+    assert resp.status_code == 200 and resp.json() == {"generated_text": "<ba"}
+    assert requests.get(f"{gateway.url}/info", timeout=5).json()["max_best_of"] == protocol.MAX_BEST_OF
 
 
 def test_validation_errors_raise_lorax_validation_error(gateway):
     client = Client(gateway.url)
     with pytest.raises(ValidationError, match="max_new_tokens"):
         client.generate("x", max_new_tokens=0)  # the wire's own check
-    with pytest.raises(ValidationError, match="truncate is not supported"):
-        client.generate("x", truncate=5)  # a LoRAX field the wire does not carry: never dropped
+    with pytest.raises(ValidationError, match="parameters.watermark is not supported"):
+        client.generate("x", watermark=True)  # a LoRAX field loraq refuses: never dropped
+    resp = requests.post(f"{gateway.url}/generate_stream", timeout=20, json={  # LoRAX's own check
+        "inputs": "x", "parameters": {"decoder_input_details": True}})
+    assert resp.status_code == 422 and "decoder_input_details" in resp.json()["error"]
+    resp = requests.post(f"{gateway.url}/generate", timeout=20, json={
+        "inputs": "x", "parameters": {"response_format": {"type": "yaml"}}})
+    assert resp.status_code == 422 and "parameters.response_format.type" in resp.json()["error"]
     with pytest.raises(ValidationError, match="adapter_source"):
         client.generate("x", adapter_id="a", adapter_source="s3")
     resp = requests.post(f"{gateway.url}/generate", json={"inputs": ""}, timeout=20)
@@ -107,12 +122,16 @@ def test_worker_errors_map_to_lorax_exceptions(gateway):
     client = Client(gateway.url)
     with pytest.raises(GenerationError, match="adapter_not_found|fake adapter_not_found"):
         client.generate("x", adapter_id="missing")  # LoRAX: adapter load failures are 424
-    with pytest.raises(OverloadedError):
-        client.generate("x", adapter_id="busy")
+    with pytest.raises(GenerationError, match="gave up after 2 deliveries"):  # retried by the worker first
+        client.generate("x", adapter_id="flaky")
     with pytest.raises(GenerationError):  # before the first token: an HTTP error, not an event
         list(client.generate_stream("x", adapter_id="missing"))
-    resp = requests.post(f"{gateway.url}/generate", timeout=20,
-                         json={"inputs": "x", "parameters": {"adapter_id": "busy"}})
+
+
+def test_a_queue_that_refuses_jobs_is_overloaded(full_gateway):
+    with pytest.raises(OverloadedError):
+        Client(full_gateway.url).generate("x")
+    resp = requests.post(f"{full_gateway.url}/generate", timeout=20, json={"inputs": "x"})
     assert resp.status_code == 429 and resp.json()["error_type"] == "overloaded"
 
 

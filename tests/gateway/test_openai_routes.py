@@ -102,18 +102,46 @@ def test_models_list_the_base_model_and_the_adapter_root(client):
 
 def test_unsupported_fields_are_refused_naming_them(client):
     messages = [{"role": "user", "content": "x"}]
-    cases = [({"n": 2}, "n"), ({"top_logprobs": 2, "logprobs": True}, "top_logprobs"),
-             ({"response_format": {"type": "json_object"}}, "response_format"),
-             ({"logit_bias": {"1": 2}}, "logit_bias"), ({"presence_penalty": 0.5}, "presence_penalty")]
+    cases = [({"logit_bias": {"1": 2}}, "logit_bias"),
+             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="pirate", messages=messages, **extra)
         assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
         assert "not supported" in e.value.body["message"]
-    # text response_format is plain text: accepted
+    for extra, param in [({"n": 9}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"response_format": {"type": "yaml"}}, "response_format"),
+                         ({"presence_penalty": 3.0}, "presence_penalty"), ({"max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:  # out of range: the field named as sent
+            client.chat.completions.create(model="pirate", messages=messages, **extra)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_carried_fields_pass(client):
+    """Fields the wire carries reach the worker (their effects on a real model: test_real_worker)."""
+    messages = [{"role": "user", "content": "x"}]
+    r = client.chat.completions.create(
+        model="pirate", messages=messages, max_tokens=2, seed=5, presence_penalty=0.5,
+        frequency_penalty=-0.5, logprobs=True, top_logprobs=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}})
+    assert r.choices[0].message.content == "<p" and len(r.choices[0].logprobs.content) == 2
     r = client.chat.completions.create(model="pirate", messages=messages, max_tokens=2,
                                        response_format={"type": "text"})
     assert r.choices[0].message.content == "<p"
+
+
+def test_n_choices_are_jobs_of_their_own(client):
+    r = client.chat.completions.create(model="pirate", n=3, max_tokens=40,
+                                       messages=[{"role": "user", "content": "many"}])
+    text = expected_text("many", "pirate", 40)
+    assert [(c.index, c.message.content, c.finish_reason) for c in r.choices] == [(i, text, "stop") for i in range(3)]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len("many"), 3 * len(text))
+    chunks = list(client.completions.create(model="tiny-base", prompt="two", n=2, stream=True, max_tokens=40,
+                                            stream_options={"include_usage": True}))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == expected_text("two") and mine[-1].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == 2 * len(expected_text("two"))
 
 
 def test_errors_map_to_openai_exceptions(client, gateway):
@@ -125,10 +153,17 @@ def test_errors_map_to_openai_exceptions(client, gateway):
     with pytest.raises(openai.NotFoundError) as e:  # an adapter the worker cannot find
         client.chat.completions.create(model="missing", messages=user)
     assert e.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.RateLimitError) as e:
-        client.chat.completions.create(model="busy", messages=user)
-    assert e.value.response.headers["x-should-retry"] == "true"
+    with pytest.raises(openai.InternalServerError) as e:  # retried by the worker, then answered
+        client.chat.completions.create(model="flaky", messages=user)
+    assert e.value.status_code == 500 and e.value.response.headers["x-should-retry"] == "false"
     with pytest.raises(openai.NotFoundError):  # before the first token: an HTTP error
         list(client.chat.completions.create(model="missing", messages=user, stream=True))
     resp = requests.post(f"{gateway.url}/v1/completions", json={"prompt": "x"}, timeout=10)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+
+
+def test_a_queue_that_refuses_jobs_is_a_rate_limit(full_gateway):
+    client = openai.OpenAI(base_url=f"{full_gateway.url}/v1", api_key="-", max_retries=0, timeout=20)
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "x"}])
+    assert e.value.response.headers["x-should-retry"] == "true"

@@ -1,11 +1,16 @@
 """Issue 14 end to end: a real worker process (`python -m consumer`) on a tiny random Llama with two
 PEFT adapters, the gateway in front of it, and the real clients. Greedy text through lorax-client
-and through the openai SDK equals the text of the same job published straight to the broker."""
+and through the openai SDK equals the text of the same job published straight to the broker; the
+LoRAX fields the wire carries (structured output, best_of, decoder_input_details, alternatives)
+and OpenAI's response_format, logprobs / top_logprobs, n and seed work through both clients."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 
+import jsonschema
 import openai
 import pytest
 from lorax import AsyncClient, Client
@@ -21,6 +26,9 @@ BASE = "tiny-llama"
 ADAPTERS = ("tenant-a", "tenant-b")
 NEW_TOKENS = 12
 PROMPTS = {None: "The quick brown fox", "tenant-a": "Once upon a time", "tenant-b": "Dear support team,"}
+VERDICT = {"type": "object", "additionalProperties": False, "required": ["label", "confidence"],
+           "properties": {"label": {"enum": ["spam", "ham"]},
+                          "confidence": {"type": "integer", "minimum": 0, "maximum": 100}}}
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +121,77 @@ async def test_async_clients_stream_the_same_text(stack):
     # a job on an adapter the worker cannot find: the worker's own error, mapped
     with pytest.raises(openai.NotFoundError):
         await oai.completions.create(model="no-such-adapter", prompt=prompt, max_tokens=2)
+
+
+def test_structured_output_through_both_clients(stack):
+    """The text parses and validates against the schema whatever the random weights prefer."""
+    gateway, _ = stack
+    oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0, timeout=60)
+    for model in (BASE, "tenant-a"):
+        r = oai.chat.completions.create(  # sampled (OpenAI's default temperature 1)
+            model=model, max_tokens=80, seed=3, messages=[{"role": "user", "content": "Spam? Buy now!"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), VERDICT)
+    # any JSON object: greedy, since sampled random weights may wander in a string until max_tokens
+    r = oai.chat.completions.create(model="tenant-b", max_tokens=120, temperature=0,
+                                    response_format={"type": "json_object"},
+                                    messages=[{"role": "user", "content": "Any JSON object"}])
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    lorax = Client(gateway.url, timeout=60)
+    out = lorax.generate("Spam? Buy now!", adapter_id="tenant-b", max_new_tokens=80,
+                         response_format={"type": "json_object", "schema": VERDICT})
+    jsonschema.validate(json.loads(out.generated_text), VERDICT)
+    with pytest.raises(openai.BadRequestError) as e:  # a schema the engine cannot enforce: the worker's error
+        oai.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": {"type": "strng"}}})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_best_of_and_prompt_details_through_lorax_client(stack):
+    gateway, _ = stack
+    lorax = Client(gateway.url, timeout=60)
+    prompt = PROMPTS["tenant-a"]
+    r = lorax.generate(prompt, adapter_id="tenant-a", do_sample=True, best_of=2, max_new_tokens=NEW_TOKENS,
+                       details=True, decoder_input_details=True)
+    d = r.details
+    [other] = d.best_of_sequences
+    assert d.seed is not None and other.seed is not None and other.seed != d.seed
+    assert len(d.prefill) == d.prompt_tokens and d.prefill[0].logprob is None
+    assert all(t.logprob is not None and t.logprob <= 0 for t in d.prefill[1:])
+    assert len(other.prefill) == d.prompt_tokens and len(other.tokens) == other.generated_tokens
+
+    def mean(tokens) -> float:
+        return sum(t.logprob for t in tokens) / len(tokens)
+
+    assert mean(d.tokens) >= mean(other.tokens)  # the most likely sequence is the answer
+    r = lorax.generate(prompt, max_new_tokens=4, details=True, return_k_alternatives=3)
+    for t in r.details.tokens:  # greedy: the token is its distribution's most likely
+        assert len(t.alternative_tokens) == 3 and t.alternative_tokens[0].id == t.id
+        assert [a.logprob for a in t.alternative_tokens] == sorted((a.logprob for a in t.alternative_tokens),
+                                                                   reverse=True)
+
+
+def test_openai_logprobs_n_and_seed(stack):
+    gateway, _ = stack
+    oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": PROMPTS[None]}]
+    r = oai.chat.completions.create(model=BASE, messages=messages, temperature=0, max_tokens=6,
+                                    logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        assert math.exp(c.logprob) <= 1.0
+    c = oai.completions.create(model="tenant-b", prompt=PROMPTS["tenant-b"], temperature=0, max_tokens=4,
+                               logprobs=1, echo=True)
+    lp = c.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == c.usage.prompt_tokens + 4
+    assert c.choices[0].text.startswith(PROMPTS["tenant-b"])
+    # n choices, each its own job and seed: the same request gives the same choices again
+    first, again = (oai.chat.completions.create(model="tenant-a", messages=messages, n=2, seed=7,
+                                                temperature=1.0, max_tokens=NEW_TOKENS) for _ in range(2))
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]

@@ -1,6 +1,6 @@
 """The gateway's pure parts, no broker: error mapping (checked against lorax-client's own parser),
-what passes onto the wire, LoRAX's sampling rule, settings, tokens, the adapter catalog, and the
-OpenAI request readers."""
+what passes onto the wire, the response shapes (LoRAX's checked with lorax-client's own models),
+settings, tokens, the adapter catalog, and the OpenAI request readers."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ import json
 
 import pytest
 from lorax import errors as lorax_errors
+from lorax.types import Response as LoraxResponse
 
 from consumer import protocol
 from consumer.gateway import wire
 from consumer.gateway.auth import BearerAuth
 from consumer.gateway.catalog import Catalog
-from consumer.gateway.errors import KINDS, OPENAI, GatewayError
-from consumer.gateway.lorax_routes import LoraxRoutes
-from consumer.gateway.openai_routes import chat_messages, completion_prompt, finish_reason, response_format
+from consumer.gateway.errors import KINDS, OPENAI, GatewayError, field_of
+from consumer.gateway.lorax_routes import generate_response
+from consumer.gateway.openai_routes import (
+    CHAT,
+    COMPLETION,
+    chat_logprob,
+    chat_messages,
+    choice_parameters,
+    completion_logprobs,
+    completion_prompt,
+    finish_reason,
+    openai_field,
+    usage,
+)
 from consumer.gateway.settings import TOKENS_ENV, GatewaySettings
+from engine.request import ScoredToken, Timings
 
 LORAX_EXCEPTION = {
     "validation": lorax_errors.ValidationError, "prompt_too_long": lorax_errors.ValidationError,
@@ -48,32 +61,85 @@ def test_worker_error_reply_keeps_its_kind():
     assert GatewayError.from_reply(protocol.ErrorReply("j", protocol.OVERLOADED, "full")).retryable
 
 
-def test_job_parameters_pass_the_wire_and_refuse_what_it_lacks():
-    got = wire.job_parameters({"max_new_tokens": 5, "temperature": None, "stop": [], "seed": 3,
-                               "watermark": False, "best_of": 1, "truncate": None,
-                               "something_else": 1})
-    assert got == {"max_new_tokens": 5, "stop": [], "seed": 3}
-    for name, value in [("truncate", 8), ("best_of", 2), ("watermark", True),
-                        ("merged_adapters", {"ids": ["a"]}), ("frequency_penalty", 0.5),
-                        ("response_format", {"type": "json_object"}), ("ignore_eos_token", True)]:
-        with pytest.raises(GatewayError, match=f"parameters.{name} is not supported") as e:
-            wire.job_parameters({name: value})
-        assert e.value.kind == "validation" and e.value.param == name
+def test_worker_error_names_its_field():
+    e = GatewayError.from_reply(protocol.ErrorReply("j", protocol.VALIDATION, "parameters.top_k must be >= 1"))
+    assert e.param == "top_k"
+    assert [field_of(m) for m in ("parameters.response_format.schema is bad", "messages[2].role must be",
+                                  "body is not valid JSON")] == ["response_format", "messages", None]
+    assert [openai_field(p, k) for p, k in [("max_new_tokens", CHAT), ("return_k_alternatives", CHAT),
+                                            ("return_k_alternatives", COMPLETION), ("seed", CHAT),
+                                            (None, CHAT)]] == \
+        ["max_tokens", "top_logprobs", "logprobs", "seed", None]
 
 
-@pytest.mark.parametrize("params, do_sample, temperature", [
-    ({}, False, None),                                   # greedy by default
-    ({"temperature": 1.0}, False, 1.0),                  # 1 warps nothing
-    ({"temperature": 0.7}, True, 0.7),                   # a warper turns sampling on
-    ({"top_k": 5}, True, None), ({"top_p": 0.9}, True, None), ({"typical_p": 0.5}, True, None),
-    ({"top_p": 1.0}, False, None),
-    ({"do_sample": True}, True, None),
-    ({"do_sample": True, "temperature": 0}, False, None),  # temperature 0 is greedy
-    ({"temperature": 0.0, "top_k": 5}, False, None),
-])
-def test_lorax_sampling_rule(params, do_sample, temperature):
-    out = LoraxRoutes._sampling(params)
-    assert (out["do_sample"], out.get("temperature")) == (do_sample, temperature)
+def test_job_parameters_pass_every_wire_field():
+    lorax = {"max_new_tokens": 5, "temperature": 0, "stop": [], "seed": 3, "watermark": False,
+             "best_of": 2, "truncate": 8, "decoder_input_details": True, "return_k_alternatives": 3,
+             "ignore_eos_token": True, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+             "apply_chat_template": False, "merged_adapters": {"ids": ["a", "b"], "weights": [1, 1]},
+             "response_format": {"type": "json_object"}, "top_p": None, "something_else": 1}
+    got = wire.job_parameters(lorax)
+    assert got == {k: v for k, v in lorax.items() if k not in ("top_p", "something_else")}
+    assert set(got) <= set(protocol.PARAMETER_NAMES)
+
+
+def test_lorax_requests_are_lorax_dialect_jobs():
+    """No `v`: the worker applies LoRAX's defaults and sampling rule (temperature 0.7 samples)."""
+    body = wire.lorax_job_body(inputs="x", parameters={"temperature": 0.7}, stream=False)
+    assert body == {"inputs": "x", "parameters": {"temperature": 0.7}}
+    _, _, params, _ = protocol.parse_body(body, protocol.Limits())
+    assert params.sampling.do_sample and params.sampling.max_new_tokens == protocol.Limits().max_new_tokens
+    with pytest.raises(GatewayError, match="best_of") as e:  # types and combinations checked before publishing
+        wire.lorax_job_body(inputs="x", parameters={"best_of": 2, "do_sample": True}, stream=True)
+    assert e.value.kind == "validation" and e.value.param == "best_of"
+
+
+def result(text: str, tokens: tuple[protocol.Token, ...] = (), **details) -> protocol.GenerationResult:
+    return protocol.GenerationResult("j", text, protocol.Details(
+        finish_reason=details.pop("finish_reason", "length"), prompt_tokens=details.pop("prompt_tokens", 2),
+        generated_tokens=len(tokens), tokens=tokens, **details), Timings(0.0, 0.0, 0.0, 0.0))
+
+
+ALTS = (ScoredToken(7, "b", -0.1), ScoredToken(8, "c", -2.5))
+TOKENS = (protocol.Token(0, 7, "b", -0.1, alternative_tokens=ALTS), protocol.Token(1, 2, "", -0.3, special=True))
+PREFILL = (ScoredToken(1, "<s>", None), ScoredToken(5, "a", -4.0), ScoredToken(6, "z", -1.0))
+
+
+def test_lorax_response_carries_prefill_alternatives_and_best_of():
+    other = protocol.BestOfSequence("q", "eos_token", 1, seed=9, prefill=PREFILL, tokens=TOKENS[:1])
+    body = generate_response(result("b", TOKENS, seed=4, prefill=PREFILL, best_of_sequences=(other,)), True)
+    r = LoraxResponse(**body)  # lorax-client's own model parses it
+    d = r.details
+    assert [(t.id, t.text, t.logprob) for t in d.prefill] == [(1, "<s>", None), (5, "a", -4.0), (6, "z", -1.0)]
+    assert [(a.id, a.logprob) for a in d.tokens[0].alternative_tokens] == [(7, -0.1), (8, -2.5)]
+    assert d.tokens[1].special and d.tokens[1].alternative_tokens is None and d.seed == 4
+    assert body["details"]["skipped_tokens"] == 0
+    [b] = d.best_of_sequences
+    assert (b.generated_text, b.seed, len(b.prefill), b.tokens[0].text) == ("q", 9, 3, "b")
+    assert generate_response(result("b", TOKENS), False) == {"generated_text": "b"}
+    assert "best_of_sequences" not in generate_response(result("b", TOKENS), True)["details"]
+
+
+def test_openai_logprobs_shapes():
+    lp = chat_logprob(TOKENS[0], 1)
+    assert lp == {"token": "b", "logprob": -0.1, "bytes": [98],
+                  "top_logprobs": [{"token": "b", "logprob": -0.1, "bytes": [98]}]}
+    # completions with echo: the prompt's tokens first (the BOS is not in the prompt's text)
+    out = completion_logprobs(TOKENS, 2, echo="az", prefill=PREFILL)
+    assert out["tokens"] == ["<s>", "a", "z", "b", ""]
+    assert out["token_logprobs"] == [None, -4.0, -1.0, -0.1, -0.3]
+    assert out["text_offset"] == [0, 0, 1, 2, 3]
+    assert out["top_logprobs"] == [None, {}, {}, {"b": -0.1, "c": -2.5}, {}]  # null first, as OpenAI
+    assert completion_logprobs(TOKENS, 0)["top_logprobs"] is None
+    assert usage([result("a", TOKENS), result("b", TOKENS[:1])]) == \
+        {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+def test_n_choices_get_their_own_seeds():
+    params = {"seed": 2**64 - 1, "temperature": 0.5}
+    assert [choice_parameters(params, i, 3)["seed"] for i in range(3)] == [2**64 - 1, 0, 1]
+    assert choice_parameters(params, 0, 1) is params
+    assert choice_parameters({"seed": None}, 1, 2) == {"seed": None}
 
 
 def test_settings_flags_env_and_tokens(tmp_path):
@@ -122,10 +188,6 @@ def test_openai_readers():
     assert completion_prompt(["one"]) == "one"
     with pytest.raises(GatewayError, match="one prompt"):
         completion_prompt(["one", "two"])
-    assert response_format({"type": "text"}) is None
-    assert response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}) \
-        == {"type": "json_schema", "schema": {"type": "object"}}
-    assert response_format({"type": "json_object"}) == {"type": "json_object", "schema": None}
     assert [finish_reason(r) for r in ("eos_token", "stop_sequence", "length", None)] == \
         ["stop", "stop", "length", None]
 
