@@ -1,6 +1,7 @@
 """`loraq` command line: generate through the broker, run the worker, benchmarks, health check.
 
     loraq generate "Hello" --adapter-id demo/pirate [--stream] [--json]
+    loraq generate "Spam? Buy now!" --response-format-json schema.json --json
     loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
     loraq bench engine|e2e|adapters ...
     loraq health                                                  # exit 0 when the worker is healthy
@@ -75,7 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=None)
     gen.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2] (LoRAX's)")
+    gen.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2] (LoRAX's)")
+    gen.add_argument("--ignore-eos-token", action="store_true",
+                     help="generate max_new_tokens whatever end-of-sequence tokens come")
+    gen.add_argument("--truncate", type=int, default=None, help="keep only the last N prompt tokens")
+    gen.add_argument("--best-of", type=int, default=None,
+                     help="sample N sequences, answer with the most likely (needs sampling; not with --stream)")
     gen.add_argument("--details", action="store_true", help="per-token ids and logprobs (--json)")
+    gen.add_argument("--decoder-input-details", action="store_true",
+                     help="the prompt's tokens with logprobs in details.prefill (--json)")
+    gen.add_argument("--return-k-alternatives", type=int, default=None, metavar="K",
+                     help="per generated token, its K most likely alternatives (--json with --details)")
+    gen.add_argument("--return-full-text", action="store_true", help="prepend the prompt to the text")
+    fmt = gen.add_mutually_exclusive_group()
+    fmt.add_argument("--response-format-json", default=None, metavar="SCHEMA_FILE_OR_JSON",
+                     help="constrain the text to JSON valid against this JSON schema (a file, or the JSON itself)")
+    fmt.add_argument("--response-format-regex", default=None, metavar="PATTERN",
+                     help="constrain the text to match this regex in full")
+    gen.add_argument("--merged-adapters", default=None, metavar="JSON",
+                     help='merge adapters for this job, LoRAX\'s map: \'{"ids": ["a", "b"], "weights": [0.5, 0.5], '
+                          '"merge_strategy": "linear"}\' (instead of --adapter-id)')
+    gen.add_argument("--api-token", default=os.environ.get("LORAQ_API_TOKEN"),
+                     help="token for private hub adapters (env LORAQ_API_TOKEN)")
     gen.add_argument("--json", action="store_true",
                      help="print the result reply as JSON (with --stream: one line per token)")
     gen.add_argument("--timeout", type=float, default=float(_env("LORAQ_TIMEOUT", "120")),
@@ -119,16 +142,8 @@ async def _generate_async(args: argparse.Namespace) -> int:
     # Imported here: `loraq worker` / `loraq bench` never pay for the client's imports.
     from consumer.client import Client, LoraqError, Token
     from consumer.logging import redact_url
-    from consumer.protocol import ProtocolError, Topology
+    from consumer.protocol import Limits, ProtocolError, Topology, parse_merged_adapters, parse_response_format
 
-    params: dict[str, Any] = {
-        "adapter_source": args.adapter_source, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "do_sample": args.do_sample or None,
-        "top_k": args.top_k, "top_p": args.top_p, "typical_p": args.typical_p,
-        "repetition_penalty": args.repetition_penalty, "stop": args.stop, "seed": args.seed,
-        "details": args.details or None,
-    }
-    params = {k: v for k, v in params.items() if v is not None}
     prompt: dict[str, Any]
     if args.chat or args.system is not None:
         messages = [{"role": "user", "content": args.prompt}]
@@ -139,16 +154,28 @@ async def _generate_async(args: argparse.Namespace) -> int:
         prompt = {"inputs": args.prompt}
     topology = Topology(exchange=args.exchange, routing_key=args.routing_key)
     try:
+        params: dict[str, Any] = {
+            "adapter_id": args.adapter_id, "adapter_source": args.adapter_source, "api_token": args.api_token,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "do_sample": args.do_sample or None, "top_k": args.top_k, "top_p": args.top_p,
+            "typical_p": args.typical_p, "repetition_penalty": args.repetition_penalty,
+            "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
+            "stop": args.stop, "seed": args.seed, "best_of": args.best_of, "truncate": args.truncate,
+            "details": args.details or None, "decoder_input_details": args.decoder_input_details or None,
+            "return_k_alternatives": args.return_k_alternatives,
+            "ignore_eos_token": args.ignore_eos_token or None, "return_full_text": args.return_full_text or None,
+            "merged_adapters": parse_merged_adapters(_json_arg(args.merged_adapters, "--merged-adapters"),
+                                                     Limits.unbounded()),
+            "response_format": parse_response_format(_response_format(args)),
+        }
         async with Client(args.amqp_url, topology=topology,
                           content_type=CONTENT_TYPES[args.content_type]) as client:
             if not args.stream:
-                result = await client.generate(**prompt, adapter_id=args.adapter_id,
-                                               timeout=args.timeout, **params)
+                result = await client.generate(**prompt, **params, timeout=args.timeout)
                 print(json.dumps(result.to_wire(), ensure_ascii=False) if args.json
                       else result.generated_text)
                 return 0
-            async for item in client.generate_stream(**prompt, adapter_id=args.adapter_id,
-                                                     timeout=args.timeout, **params):
+            async for item in client.generate_stream(**prompt, **params, timeout=args.timeout):
                 if args.json:
                     raw = dataclasses.asdict(item) if isinstance(item, Token) else item.to_wire()
                     print(json.dumps(raw, ensure_ascii=False), flush=True)
@@ -163,6 +190,29 @@ async def _generate_async(args: argparse.Namespace) -> int:
     except ConnectionError as e:  # aio-pika's connection errors are ConnectionErrors too
         print(f"loraq: cannot reach the broker at {redact_url(args.amqp_url)}: {e}", file=sys.stderr)
         return 1
+
+
+def _json_arg(value: str | None, flag: str) -> Any:
+    """A flag's JSON value, or the JSON in the file it names; None when the flag is absent."""
+    from consumer.protocol import VALIDATION, ProtocolError
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
+        text = Path(value).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ProtocolError(VALIDATION, f"{flag}: not JSON, nor a file of JSON: {e}") from None
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--response-format-json / --response-format-regex as the wire's response_format map."""
+    if args.response_format_regex is not None:
+        return {"type": "regex", "pattern": args.response_format_regex}
+    schema = _json_arg(args.response_format_json, "--response-format-json")
+    return None if schema is None else {"type": "json_object", "schema": schema}
 
 
 def _benchmarks_root() -> Path | None:

@@ -6,13 +6,20 @@ app can install and use it alone:
     async with Client("amqp://guest:guest@127.0.0.1:5672/") as client:
         result = await client.generate("Hello", adapter_id="demo/pirate", max_new_tokens=32)
         print(result.generated_text, result.timings)
+        verdict = await client.generate(           # structured output: JSON valid against the schema
+            "Spam? Buy now!", response_format=ResponseFormat.json_schema({"type": "object"}))
         async for item in client.generate_stream("Hello"):
             print(item.text if isinstance(item, Token) else "", end="")
 
     with SyncClient() as client:             # the same API without asyncio
         print(client.generate("Hello").generated_text)
 
-`GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent.
+Every wire parameter (docs/protocol.md) is a typed keyword argument of `generate` / `generate_stream`
+under its wire name; None leaves it out, so the wire's default applies. `merged_adapters` and
+`response_format` take the engine's value types (`MergedAdapters`, `ResponseFormat`; no torch),
+and `messages` OpenAI's chat maps (content as a string or text content parts).
+`GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent
+(`details.tokens`, `details.prefill`, `details.best_of_sequences`, `Token.alternative_tokens`).
 
 A client that stops waiting stops the work: each job carries the caller's timeout as its deadline
 (`x-deadline-ms`) unless `deadline` says otherwise, and a worker drops or cancels a job past it; a
@@ -33,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -51,17 +58,24 @@ from consumer.protocol import (
     MSGPACK,
     OVERLOADED,
     PARAMETER_NAMES,
+    BestOfSequence,
+    Details,
     ErrorReply,
     GenerationResult,
+    MergedAdapters,
     ProtocolError,
     Reply,
+    ResponseFormat,
+    ScoredToken,
     Token,
     TokenReply,
     Topology,
     decode_reply,
     encode,
     job_body,
+    merged_adapters_to_wire,
     normalize_content_type,
+    response_format_to_wire,
 )
 
 # stdlib logging, not structlog: a library embedded in someone else's app logs through theirs.
@@ -70,7 +84,7 @@ log = logging.getLogger(__name__)
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_TIMEOUT_S = 60.0
 CANCEL_FLUSH_S = 2.0  # close() waits this long at most for cancels still being published
-_PARAMETER_NAMES = frozenset(PARAMETER_NAMES) - {"adapter_id"}
+Message = Mapping[str, Any]  # {"role": ..., "content": a string or OpenAI's text content parts}
 
 T = TypeVar("T")
 
@@ -178,19 +192,30 @@ class Client:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def generate(self, inputs: str | None = None, *, messages: list[dict] | None = None,
-                       adapter_id: str | None = None, timeout: float | None = None,
-                       job_id: str | None = None, deadline: float | None = None,
-                       **parameters: Any) -> GenerationResult:
-        """Run one job and return its result. `parameters`: protocol v1 names (max_new_tokens,
-        temperature, do_sample, top_k, top_p, typical_p, repetition_penalty, stop, seed,
-        return_full_text, details, adapter_source, api_token). `deadline`: seconds from now after
+    async def generate(
+            self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
+            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
+            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
+            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
+            frequency_penalty: float | None = None, presence_penalty: float | None = None,
+            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
+            details: bool | None = None, decoder_input_details: bool | None = None,
+            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
+            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
+            apply_chat_template: bool | None = None,
+            response_format: ResponseFormat | Mapping[str, Any] | None = None,
+            timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+    ) -> GenerationResult:
+        """Run one job and return its result. The generation parameters are the wire's, by name
+        (docs/protocol.md, "Parameters"); None: the wire's default. `deadline`: seconds from now after
         which the worker drops the job, or cancels it mid-generation (default: `timeout`, so the
         work stops when the caller stops waiting). Raises UnroutableError, GenerationTimeout,
         GenerationError, ProtocolError (bad arguments, before publishing)."""
+        parameters = _wire_parameters(locals())
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
-        cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
+        cid, pending = await self._submit(inputs, messages, parameters, job_id,
                                           timeout if deadline is None else deadline, end, timeout,
                                           stream=False)
         try:
@@ -198,16 +223,27 @@ class Client:
         finally:
             self._settle(cid, pending)
 
-    async def generate_stream(self, inputs: str | None = None, *,
-                              messages: list[dict] | None = None, adapter_id: str | None = None,
-                              timeout: float | None = None, job_id: str | None = None,
-                              deadline: float | None = None,
-                              **parameters: Any) -> AsyncGenerator[Token | GenerationResult, None]:
+    async def generate_stream(
+            self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
+            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
+            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
+            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
+            frequency_penalty: float | None = None, presence_penalty: float | None = None,
+            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
+            details: bool | None = None, decoder_input_details: bool | None = None,
+            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
+            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
+            apply_chat_template: bool | None = None,
+            response_format: ResponseFormat | Mapping[str, Any] | None = None,
+            timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+    ) -> AsyncGenerator[Token | GenerationResult, None]:
         """Like `generate`, streamed: yields each `Token` in order, then the `GenerationResult`.
         `timeout` bounds the whole job (and is its deadline unless `deadline` is given)."""
+        parameters = _wire_parameters(locals())
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
-        cid, pending = await self._submit(inputs, messages, adapter_id, parameters, job_id,
+        cid, pending = await self._submit(inputs, messages, parameters, job_id,
                                           timeout if deadline is None else deadline, end, timeout,
                                           stream=True)
         try:
@@ -239,17 +275,15 @@ class Client:
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
-    async def _submit(self, inputs: str | None, messages: list[dict] | None,
-                      adapter_id: str | None, parameters: dict[str, Any], job_id: str | None,
+    async def _submit(self, inputs: str | None, messages: Sequence[Message] | None,
+                      parameters: dict[str, Any], job_id: str | None,
                       deadline: float, end: float, timeout: float, *,
                       stream: bool) -> tuple[str, _Pending]:
         if self._exchange is None:
             raise LoraqError("client is not connected: use `async with Client(...)` or connect()")
-        unknown = set(parameters) - _PARAMETER_NAMES
-        if unknown:
-            raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
-        body = job_body(inputs=inputs, messages=messages,
-                        parameters={"adapter_id": adapter_id, **parameters}, stream=stream)
+        body = job_body(inputs=inputs, messages=None if messages is None else [dict(m) for m in messages],
+                        parameters=parameters, stream=stream)
+        adapter_id = parameters.get("adapter_id")
         job_id = job_id or str(uuid.uuid4())
         # A fresh correlation id per call: resubmitting a job id (for de-duplication) is a new wait.
         cid = uuid.uuid4().hex
@@ -379,18 +413,45 @@ class SyncClient:
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def generate(self, inputs: str | None = None, **kwargs: Any) -> GenerationResult:
+    def generate(
+            self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
+            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
+            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
+            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
+            frequency_penalty: float | None = None, presence_penalty: float | None = None,
+            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
+            details: bool | None = None, decoder_input_details: bool | None = None,
+            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
+            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
+            apply_chat_template: bool | None = None,
+            response_format: ResponseFormat | Mapping[str, Any] | None = None,
+            timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+    ) -> GenerationResult:
         """See `Client.generate`."""
-        return self._call(self._client.generate(inputs, **kwargs))
+        return self._call(self._client.generate(**_arguments(locals())))
 
     def cancel(self, job_id: str) -> bool:
         """See `Client.cancel`."""
         return self._call(self._client.cancel(job_id))
 
-    def generate_stream(self, inputs: str | None = None,
-                        **kwargs: Any) -> Iterator[Token | GenerationResult]:
+    def generate_stream(
+            self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
+            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
+            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
+            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
+            frequency_penalty: float | None = None, presence_penalty: float | None = None,
+            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
+            details: bool | None = None, decoder_input_details: bool | None = None,
+            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
+            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
+            apply_chat_template: bool | None = None,
+            response_format: ResponseFormat | Mapping[str, Any] | None = None,
+            timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+    ) -> Iterator[Token | GenerationResult]:
         """See `Client.generate_stream`."""
-        agen = self._client.generate_stream(inputs, **kwargs)
+        agen = self._client.generate_stream(**_arguments(locals()))
         try:
             while True:
                 try:
@@ -422,7 +483,32 @@ class SyncClient:
         self.close()
 
 
+def _arguments(call_locals: dict[str, Any]) -> dict[str, Any]:
+    """A method's arguments by name, from its `locals()` taken first thing (all but `self`)."""
+    return {name: value for name, value in call_locals.items() if name != "self"}
+
+
+def _wire_parameters(call_locals: dict[str, Any]) -> dict[str, Any]:
+    """The job's `parameters` map from `generate`'s arguments (taken first thing, by `locals()`):
+    those named like a wire parameter and not None, the typed values in their wire shape."""
+    wire: dict[str, Any] = {}
+    for name in PARAMETER_NAMES:
+        value = call_locals[name]
+        if isinstance(value, MergedAdapters):
+            value = merged_adapters_to_wire(value)
+        elif isinstance(value, ResponseFormat):
+            value = response_format_to_wire(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif name == "stop" and value is not None:
+            value = [value] if isinstance(value, str) else list(value)  # a string is one stop sequence
+        if value is not None:
+            wire[name] = value
+    return wire
+
+
 __all__ = [
-    "DEFAULT_AMQP_URL", "JSON", "MSGPACK", "Client", "GenerationError", "GenerationResult",
-    "GenerationTimeout", "LoraqError", "ProtocolError", "SyncClient", "Token", "UnroutableError",
+    "DEFAULT_AMQP_URL", "JSON", "MSGPACK", "BestOfSequence", "Client", "Details", "GenerationError",
+    "GenerationResult", "GenerationTimeout", "LoraqError", "MergedAdapters", "Message", "ProtocolError",
+    "ResponseFormat", "ScoredToken", "SyncClient", "Token", "UnroutableError",
 ]

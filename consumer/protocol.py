@@ -62,7 +62,9 @@ OVERLOADED = ErrorType.OVERLOADED.value
 INTERNAL = ErrorType.INTERNAL.value
 ERROR_TYPES = tuple(e.value for e in ErrorType)
 
-ROLES = ("system", "user", "assistant")
+# the chat roles a message may have; whether the model's chat template renders one (a system message,
+# a tool result, a developer message) is the engine's to say, as a validation error
+ROLES = ("system", "user", "assistant", "tool", "developer")
 ADAPTER_SOURCES = ("local", "hub")
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 MAX_MERGED_ADAPTERS = 16  # adapters one merged_adapters may name: each is read from source to build it
@@ -312,6 +314,12 @@ def parse_merged_adapters(raw: Any, limits: Limits) -> MergedAdapters | None:
         raise _fail(f"parameters.{e}") from None
 
 
+def merged_adapters_to_wire(merge: MergedAdapters) -> dict[str, Any]:
+    """The `merged_adapters` map a client publishes (parse_merged_adapters reads it back)."""
+    return {"ids": list(merge.ids), "weights": list(merge.weights), "merge_strategy": merge.merge_strategy,
+            "density": merge.density, "majority_sign_method": merge.majority_sign_method}
+
+
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex")
 # LoRAX's schema for a json_object without one (router/src/lib.rs, default_json_schema): any object
 DEFAULT_JSON_SCHEMA = {
@@ -358,6 +366,14 @@ def parse_response_format(raw: Any) -> ResponseFormat | None:
         return ResponseFormat.json_schema(schema)
     except (TypeError, ValueError, RecursionError) as e:  # bytes or NaN from msgpack, or too deep
         raise _fail(f"{what}.schema is not JSON: {e}") from None
+
+
+def response_format_to_wire(response_format: ResponseFormat) -> dict[str, Any]:
+    """The `response_format` map a client publishes: LoRAX's json_object with its schema, or loraq's
+    regex (parse_response_format reads it back)."""
+    if response_format.type == "regex":
+        return {"type": "regex", "pattern": response_format.value}
+    return {"type": "json_object", "schema": json.loads(response_format.value)}
 
 
 def parse_parameters(raw: Any, limits: Limits, *, lorax: bool = False) -> Parameters:
@@ -426,6 +442,9 @@ def parse_parameters(raw: Any, limits: Limits, *, lorax: bool = False) -> Parame
 
 
 def parse_messages(raw: Any, limits: Limits) -> tuple[dict[str, str], ...]:
+    """A chat: maps {role, content} (other keys are ignored). `content` is a string or OpenAI's
+    content parts, whose text parts join in order into one string; any other part (image_url,
+    input_audio, ...) is refused, named by its index."""
     if not isinstance(raw, list) or not raw:
         raise _fail("messages must be a non-empty list")
     if len(raw) > limits.max_messages:
@@ -435,17 +454,35 @@ def parse_messages(raw: Any, limits: Limits) -> tuple[dict[str, str], ...]:
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise _fail(f"messages[{i}] must be a map")
-        role, content = m.get("role"), m.get("content")
+        role = m.get("role")
         if role not in ROLES:
             raise _fail(f"messages[{i}].role must be one of {ROLES}")
-        if not isinstance(content, str):
-            raise _fail(f"messages[{i}].content must be a string")
-        _check_text(content, f"messages[{i}].content")
+        content = _message_content(m.get("content"), f"messages[{i}].content")
         chars += len(content)
         out.append({"role": role, "content": content})
     if chars > limits.max_prompt_chars:
         raise _fail(f"messages are longer than {limits.max_prompt_chars} chars", PROMPT_TOO_LONG)
     return tuple(out)
+
+
+def _message_content(content: Any, what: str) -> str:
+    """A message's content as one string: the string itself, or its text parts joined."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise _fail(f"{what}[{j}] must be a map (a content part)")
+            if part.get("type") != "text":
+                kind = repr(part.get("type"))[:64]
+                raise _fail(f"{what}[{j}].type {kind} is not supported: only text parts are")
+            if not isinstance(part.get("text"), str):
+                raise _fail(f"{what}[{j}].text must be a string")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif not isinstance(content, str):
+        raise _fail(f"{what} must be a string or a list of content parts")
+    _check_text(content, what)
+    return content
 
 
 def parse_deadline(headers: dict | None, expiration: Any, timestamp: datetime | None,

@@ -23,6 +23,7 @@ import structlog
 
 from engine.adapter_store import AdapterStore
 from engine.best_of import BestOf
+from engine.chat_template import render_chat
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.grammar import Grammar
@@ -401,8 +402,7 @@ class Engine:
                 if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
                     raise EngineError(ErrorType.VALIDATION, f"prompt_token_ids must be ints in [0, {vocab})")
             elif request.messages is not None:
-                text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
+                ids = tok(render_chat(tok, request.messages), add_special_tokens=False)["input_ids"]
             else:
                 ids = tok(request.prompt)["input_ids"]
         except EngineError:

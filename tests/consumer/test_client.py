@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -23,11 +24,15 @@ import pytest
 
 from consumer import cli
 from consumer.client import (
+    BestOfSequence,
     Client,
     GenerationError,
     GenerationResult,
     GenerationTimeout,
     LoraqError,
+    MergedAdapters,
+    ResponseFormat,
+    ScoredToken,
     SyncClient,
     Token,
     UnroutableError,
@@ -35,6 +40,7 @@ from consumer.client import (
 from consumer.protocol import (
     JSON,
     MSGPACK,
+    PARAMETER_NAMES,
     Details,
     ErrorReply,
     FinalReply,
@@ -47,7 +53,7 @@ from consumer.protocol import (
     decode_job,
     encode,
 )
-from engine.request import Timings
+from engine.request import SamplingParams, Timings
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +63,8 @@ class Responder:
     """Answers jobs like a worker would. The prompt picks the behaviour:
     `error:<type>` an error reply; `silent` nothing; `twice` nothing the first time that job id
     comes; `dup` every reply twice (tokens and result);
-    `stray` a result for an unknown correlation id first; anything else: the prompt upper-cased,
+    `stray` a result for an unknown correlation id first; `details` a result with every typed detail
+    (tokens with alternatives, prefill, best_of_sequences); anything else: the prompt upper-cased,
     streamed one character per token when the job asks for it."""
 
     def __init__(self, topology: Topology) -> None:
@@ -109,7 +116,20 @@ class Responder:
                     for _ in range(times):
                         await self.reply(job, TokenReply(job.id, Token(i, ord(ch), ch, -0.5)))
             for _ in range(times):
-                await self.reply(job, self.result(job, text))
+                await self.reply(job, self.detailed(job) if prompt == "details" else self.result(job, text))
+
+    @staticmethod
+    def detailed(job: Job) -> FinalReply:
+        prefill = (ScoredToken(1, "<s>", None), ScoredToken(70, "d", -1.5))
+        tokens = (Token(0, 79, "O", -0.1, alternative_tokens=(ScoredToken(79, "O", -0.1), ScoredToken(75, "K", -2.5))),
+                  Token(1, 2, "", -0.2, special=True))
+        other = BestOfSequence(generated_text="NO", finish_reason="eos_token", generated_tokens=2, seed=8,
+                               prefill=prefill, tokens=tokens)
+        return GenerationResult(
+            id=job.id, generated_text="O", adapter_id=None,
+            details=Details(finish_reason="eos_token", prompt_tokens=2, generated_tokens=2, seed=7,
+                            tokens=tokens, prefill=prefill, best_of_sequences=(other,)),
+            timings=Timings(queue_ms=1.0, adapter_load_ms=0.0, ttft_ms=2.0, total_ms=3.0))
 
     @staticmethod
     def result(job: Job, text: str) -> FinalReply:
@@ -242,6 +262,68 @@ async def test_bad_arguments_never_publish(client, responder):
     assert responder.jobs == []
 
 
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}}, "required": ["label"]}
+
+
+async def test_every_wire_parameter_is_a_typed_keyword(client, responder):
+    """Each wire parameter by name, typed; the job the worker decodes carries every value."""
+    merge = MergedAdapters(ids=("a/x", "a/y"), weights=(0.7, 0.3), merge_strategy="ties", density=0.5)
+    await client.generate(
+        "hi", adapter_source="hub", api_token="tok", merged_adapters=merge, max_new_tokens=9, do_sample=True,
+        temperature=0.5, top_k=4, top_p=0.9, typical_p=0.8, repetition_penalty=1.1, frequency_penalty=0.3,
+        presence_penalty=-0.2, stop="\n", best_of=2, details=True, decoder_input_details=True,
+        return_k_alternatives=3, ignore_eos_token=True, return_full_text=True, truncate=100,
+        response_format=ResponseFormat.json_schema(SCHEMA))
+    await client.generate(messages=[{"role": "user", "content": "[]"}], apply_chat_template=None,
+                          response_format={"type": "regex", "pattern": "[a-z]+"}, watermark=False, seed=5)
+    first, second = responder.jobs
+    p = first.parameters
+    assert (p.adapter_id, p.adapter_source, p.api_token, p.merged_adapters) == (None, "hub", "tok", merge)
+    assert p.return_full_text and p.truncate == 100
+    assert p.response_format == ResponseFormat.json_schema(SCHEMA)
+    assert p.sampling == SamplingParams(
+        max_new_tokens=9, do_sample=True, temperature=0.5, top_k=4, top_p=0.9, typical_p=0.8,
+        repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=-0.2, stop=("\n",), best_of=2,
+        logprobs=True, prompt_logprobs=True, return_k_alternatives=3, ignore_eos=True)
+    assert second.parameters.response_format == ResponseFormat("regex", "[a-z]+")
+    assert second.parameters.sampling == SamplingParams(seed=5)  # None: the wire's defaults
+    with pytest.raises(ProtocolError, match="parameters.watermark"):
+        await client.generate("hi", watermark=True)  # refused by name before publishing
+
+
+@pytest.mark.parametrize("method", [Client.generate, Client.generate_stream, SyncClient.generate,
+                                    SyncClient.generate_stream])
+def test_signatures_name_every_wire_parameter_and_no_catch_all(method):
+    params = inspect.signature(method).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    generation = set(params) - {"self", "inputs", "messages", "timeout", "job_id", "deadline"}
+    assert generation == set(PARAMETER_NAMES)
+    assert all(params[name].default is None and params[name].annotation != inspect.Parameter.empty
+               for name in PARAMETER_NAMES)
+
+
+async def test_results_carry_typed_details(client, responder):
+    result = await client.generate("details", details=True, decoder_input_details=True, return_k_alternatives=2)
+    d = result.details
+    assert d.prefill == (ScoredToken(1, "<s>", None), ScoredToken(70, "d", -1.5))
+    assert [t.alternative_tokens for t in d.tokens] == [(ScoredToken(79, "O", -0.1), ScoredToken(75, "K", -2.5)),
+                                                         None]
+    assert d.tokens[1].special and isinstance(d.tokens[0], Token)
+    (other,) = d.best_of_sequences
+    assert isinstance(other, BestOfSequence) and (other.generated_text, other.seed) == ("NO", 8)
+    assert other.prefill == d.prefill and other.tokens == d.tokens
+
+
+async def test_content_parts_through_the_client(client, responder):
+    parts = [{"role": "developer", "content": "be brief"},
+             {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "y"}]}]
+    assert (await client.generate(messages=parts)).generated_text == "HEY"
+    assert responder.jobs[0].messages[1] == {"role": "user", "content": "hey"}
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]
+    with pytest.raises(ProtocolError, match=r"^messages\[0\]\.content\[0\]\.type 'image_url'"):
+        await client.generate(messages=image)
+
+
 async def test_not_connected():
     with pytest.raises(LoraqError, match="not connected"):
         await Client(URL).generate("hi")
@@ -365,6 +447,41 @@ async def test_cli_generate(topology, responder, capsys):
 
     rc = await asyncio.to_thread(cli.main, _cli_args(topology, "error:adapter_invalid"))
     assert rc == 1 and "adapter_invalid: bad adapter_invalid" in capsys.readouterr().err
+
+
+async def test_cli_generate_lorax_parameters(topology, responder, capsys, tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    merge = '{"ids": ["a/x", "a/y"], "weights": [1, 2]}'
+    rc = await asyncio.to_thread(cli.main, _cli_args(
+        topology, "details", "--json", "--response-format-json", str(schema_file), "--best-of", "2",
+        "--do-sample", "--truncate", "50", "--decoder-input-details", "--details", "--return-k-alternatives", "2",
+        "--frequency-penalty", "0.5", "--presence-penalty", "0.25", "--merged-adapters", merge,
+        "--ignore-eos-token", "--return-full-text"))
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["details"]["prefill"][1]["logprob"] == -1.5
+    assert out["details"]["best_of_sequences"][0]["generated_text"] == "NO"
+    p = responder.jobs[-1].parameters
+    assert p.response_format == ResponseFormat.json_schema(SCHEMA) and p.truncate == 50 and p.return_full_text
+    assert p.merged_adapters == MergedAdapters(ids=("a/x", "a/y"), weights=(1.0, 2.0))
+    s = p.sampling
+    assert (s.best_of, s.prompt_logprobs, s.logprobs, s.return_k_alternatives) == (2, True, True, 2)
+    assert (s.frequency_penalty, s.presence_penalty, s.ignore_eos) == (0.5, 0.25, True)
+
+    rc = await asyncio.to_thread(cli.main, _cli_args(
+        topology, "abc", "--response-format-json", json.dumps(SCHEMA)))
+    assert rc == 0 and responder.jobs[-1].parameters.response_format == ResponseFormat.json_schema(SCHEMA)
+    rc = await asyncio.to_thread(cli.main, _cli_args(topology, "abc", "--response-format-regex", "[A-Z]+"))
+    assert rc == 0 and responder.jobs[-1].parameters.response_format == ResponseFormat("regex", "[A-Z]+")
+    capsys.readouterr()
+    jobs = len(responder.jobs)
+    for bad, message in ((["--merged-adapters", '{"ids": ["a"], "weights": []}'], "merged_adapters.weights"),
+                         (["--merged-adapters", "{nope"], "--merged-adapters: not JSON"),
+                         (["--response-format-json", "missing.json"], "--response-format-json: not JSON"),
+                         (["--merged-adapters", merge, "--adapter-id", "a/x"], "at most one of adapter_id")):
+        rc = await asyncio.to_thread(cli.main, _cli_args(topology, "abc", *bad))
+        assert rc == 1 and message in capsys.readouterr().err, bad
+    assert len(responder.jobs) == jobs  # refused before publishing
 
 
 async def test_cli_generate_unroutable(topology, capsys):

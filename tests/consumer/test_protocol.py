@@ -76,6 +76,37 @@ def test_messages():
     assert j.inputs is None and list(j.messages) == msgs
 
 
+def test_messages_content_parts_and_roles():
+    """OpenAI's content parts: the text parts join in order; every role the wire knows passes (the
+    chat template says which it renders: tests/engine/test_chat.py)."""
+    msgs = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"},
+            {"role": "assistant", "content": []},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    for ct in (MSGPACK, JSON):
+        j = job({"messages": msgs}, ct)
+        assert j.messages == ({"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"})
+    chars = [{"role": "user", "content": [{"type": "text", "text": "123456"}] * 2}]
+    assert error_of({"messages": chars}, limits=Limits(max_prompt_chars=10)).error_type == protocol.PROMPT_TOO_LONG
+
+
+@pytest.mark.parametrize("content,message", [
+    ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "u"}}],
+     "messages[1].content[1].type 'image_url' is not supported: only text parts are"),
+    ([{"type": "input_audio", "input_audio": {}}], "messages[1].content[0].type 'input_audio' is not supported"),
+    ([{"text": "untyped"}], "messages[1].content[0].type None is not supported"),
+    ([{"type": "text", "text": None}], "messages[1].content[0].text must be a string"),
+    (["a"], "messages[1].content[0] must be a map (a content part)"),
+    ({"type": "text", "text": "a"}, "messages[1].content must be a string or a list of content parts"),
+    (None, "messages[1].content must be a string or a list of content parts"),
+])
+def test_message_content_errors_name_the_part(content, message):
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": content}]}
+    e = error_of(body)
+    assert e.error_type == protocol.VALIDATION and e.message.startswith(message)
+
+
 def test_job_id_fallbacks():
     body = encode({"inputs": "x"}, MSGPACK)
     assert decode_job(body, MSGPACK, None, None, "corr", None, None, LIMITS).id == "corr"
@@ -131,6 +162,7 @@ BAD = [
     ("message not map", {"messages": ["hi"]}, MSGPACK),
     ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, MSGPACK),
     ("content not string", {"messages": [{"role": "user", "content": ["hi"]}]}, MSGPACK),
+    ("content number", {"messages": [{"role": "user", "content": 3}]}, MSGPACK),
     ("full text with messages", {"messages": [{"role": "user", "content": "hi"}],
                                  "parameters": {"return_full_text": True}}, MSGPACK),
 ]

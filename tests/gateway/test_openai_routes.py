@@ -148,8 +148,8 @@ def test_errors_map_to_openai_exceptions(client, gateway):
     user = [{"role": "user", "content": "x"}]
     with pytest.raises(openai.BadRequestError, match="temperature"):  # the wire's own check
         client.chat.completions.create(model="pirate", messages=user, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="role"):
-        client.chat.completions.create(model="pirate", messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="role"):  # OpenAI's deprecated role: not on the wire
+        client.chat.completions.create(model="pirate", messages=[{"role": "function", "content": "x"}])
     with pytest.raises(openai.NotFoundError) as e:  # an adapter the worker cannot find
         client.chat.completions.create(model="missing", messages=user)
     assert e.value.body["code"] == "model_not_found"

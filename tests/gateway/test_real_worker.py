@@ -195,3 +195,27 @@ def test_openai_logprobs_n_and_seed(stack):
                                                 temperature=1.0, max_tokens=NEW_TOKENS) for _ in range(2))
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+
+
+async def test_openai_content_parts_reach_the_chat_template_intact(stack):
+    """OpenAI content parts (and the developer role) through the SDK render the same prompt as the
+    joined strings, and as the same parts published on the wire; an image part is refused by name."""
+    gateway, topology = stack
+    oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0, timeout=60)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Once upon "}, {"type": "text", "text": "a time"}]}]
+    joined = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
+    params = {"adapter_id": "tenant-a", "max_new_tokens": NEW_TOKENS}
+    wire_parts = await amqp_result(topology, messages=parts, parameters=params)
+    wire_joined = await amqp_result(topology, messages=joined, parameters=params)
+    assert wire_parts["generated_text"] == wire_joined["generated_text"]
+    assert wire_parts["details"]["prompt_tokens"] == wire_joined["details"]["prompt_tokens"]
+    chat = await asyncio.to_thread(oai.chat.completions.create, model="tenant-a", messages=parts,
+                                   temperature=0, max_tokens=NEW_TOKENS)
+    assert chat.choices[0].message.content == wire_joined["generated_text"]
+    assert chat.usage.prompt_tokens == wire_joined["details"]["prompt_tokens"]
+    image = {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        await asyncio.to_thread(oai.chat.completions.create, model=BASE, messages=[image], max_tokens=4)
+    assert "messages[0].content" in e.value.body["message"] and "text" in e.value.body["message"]
