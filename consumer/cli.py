@@ -3,7 +3,7 @@
     loraq generate "Hello" --adapter-id demo/pirate [--stream] [--json]
     loraq generate "Spam? Buy now!" --response-format-json schema.json --json
     loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
-    loraq bench engine|e2e|adapters ...
+    loraq bench engine|e2e|adapters|user-path|adapter-load|gateway|structured ...
     loraq health                                                  # exit 0 when the worker is healthy
     loraq gateway --port 8080                                     # HTTP: LoRAX and OpenAI APIs
     loraq demo                                                    # worker + demo adapters + jobs
@@ -36,6 +36,8 @@ DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining
     "bench adapters": "benchmarks.adapters:main",
     "bench gateway": "benchmarks.gateway:main",
     "bench structured": "benchmarks.structured:main",
+    "bench user-path": "benchmarks.user_path:main",
+    "bench adapter-load": "benchmarks.adapter_load:main",
 }
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository, when run from a checkout
 BENCH_HELP = {
@@ -44,6 +46,9 @@ BENCH_HELP = {
     "adapters": "latency at 1/100/1000 adapters in rotation, loraq vs PEFT; cold loads and prefetch",
     "gateway": "latency and jobs/s through the HTTP gateway against publishing to the broker",
     "structured": "step time with and without grammar-constrained rows (response_format); validity",
+    "user-path": "through the broker, jobs published one by one: staggered arrivals, cold adapters in "
+                 "rotation, a naive PEFT worker",
+    "adapter-load": "MB/s of an adapter load into its slot against a plain read of its files",
 }
 CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}
 
