@@ -15,9 +15,10 @@ app can install and use it alone:
         print(client.generate("Hello").generated_text)
 
 Every wire parameter (docs/protocol.md) is a typed keyword argument of `generate` / `generate_stream`
-under its wire name; None leaves it out, so the wire's default applies. `merged_adapters` and
-`response_format` take the engine's value types (`MergedAdapters`, `ResponseFormat`; no torch),
-and `messages` OpenAI's chat maps (content as a string or text content parts).
+under its wire name (typed once, by `GenerateParameters`); None leaves it out, so the wire's default
+applies, and a name that is no wire parameter is a TypeError. `merged_adapters` and `response_format`
+take the engine's value types (`MergedAdapters`, `ResponseFormat`; no torch), and `messages` OpenAI's
+chat maps (content as a string or text content parts).
 `GenerationResult` and `Token` are consumer.protocol's typed replies: the values the worker sent
 (`details.tokens`, `details.prefill`, `details.best_of_sequences`, `Token.alternative_tokens`).
 
@@ -42,7 +43,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -61,6 +62,7 @@ from consumer.protocol import (
     BestOfSequence,
     Details,
     ErrorReply,
+    GenerateParameters,
     GenerationResult,
     MergedAdapters,
     ProtocolError,
@@ -194,28 +196,19 @@ class Client:
 
     async def generate(
             self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
-            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
-            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
-            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
-            frequency_penalty: float | None = None, presence_penalty: float | None = None,
-            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
-            details: bool | None = None, decoder_input_details: bool | None = None,
-            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
-            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
-            apply_chat_template: bool | None = None,
-            response_format: ResponseFormat | Mapping[str, Any] | None = None,
             timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+            **parameters: Unpack[GenerateParameters],
     ) -> GenerationResult:
-        """Run one job and return its result. The generation parameters are the wire's, by name
-        (docs/protocol.md, "Parameters"); None: the wire's default. `deadline`: seconds from now after
-        which the worker drops the job, or cancels it mid-generation (default: `timeout`, so the
-        work stops when the caller stops waiting). Raises UnroutableError, GenerationTimeout,
-        GenerationError, ProtocolError (bad arguments, before publishing)."""
-        parameters = _wire_parameters(locals())
+        """Run one job and return its result. `parameters`: the wire's generation parameters by name
+        (`GenerateParameters`, docs/protocol.md "Parameters"); None: the wire's default. `deadline`:
+        seconds from now after which the worker drops the job, or cancels it mid-generation (default:
+        `timeout`, so the work stops when the caller stops waiting). Raises UnroutableError,
+        GenerationTimeout, GenerationError; before publishing, ProtocolError (bad values) or
+        TypeError (a keyword that is no wire parameter)."""
+        wire = _wire_parameters(parameters)
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
-        cid, pending = await self._submit(inputs, messages, parameters, job_id,
+        cid, pending = await self._submit(inputs, messages, wire, job_id,
                                           timeout if deadline is None else deadline, end, timeout,
                                           stream=False)
         try:
@@ -225,25 +218,15 @@ class Client:
 
     async def generate_stream(
             self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
-            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
-            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
-            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
-            frequency_penalty: float | None = None, presence_penalty: float | None = None,
-            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
-            details: bool | None = None, decoder_input_details: bool | None = None,
-            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
-            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
-            apply_chat_template: bool | None = None,
-            response_format: ResponseFormat | Mapping[str, Any] | None = None,
             timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+            **parameters: Unpack[GenerateParameters],
     ) -> AsyncGenerator[Token | GenerationResult, None]:
         """Like `generate`, streamed: yields each `Token` in order, then the `GenerationResult`.
         `timeout` bounds the whole job (and is its deadline unless `deadline` is given)."""
-        parameters = _wire_parameters(locals())
+        wire = _wire_parameters(parameters)
         timeout = self.timeout if timeout is None else timeout
         end = time.monotonic() + timeout
-        cid, pending = await self._submit(inputs, messages, parameters, job_id,
+        cid, pending = await self._submit(inputs, messages, wire, job_id,
                                           timeout if deadline is None else deadline, end, timeout,
                                           stream=True)
         try:
@@ -415,21 +398,12 @@ class SyncClient:
 
     def generate(
             self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
-            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
-            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
-            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
-            frequency_penalty: float | None = None, presence_penalty: float | None = None,
-            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
-            details: bool | None = None, decoder_input_details: bool | None = None,
-            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
-            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
-            apply_chat_template: bool | None = None,
-            response_format: ResponseFormat | Mapping[str, Any] | None = None,
             timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+            **parameters: Unpack[GenerateParameters],
     ) -> GenerationResult:
         """See `Client.generate`."""
-        return self._call(self._client.generate(**_arguments(locals())))
+        return self._call(self._client.generate(inputs, messages=messages, timeout=timeout, job_id=job_id,
+                                                deadline=deadline, **parameters))
 
     def cancel(self, job_id: str) -> bool:
         """See `Client.cancel`."""
@@ -437,21 +411,12 @@ class SyncClient:
 
     def generate_stream(
             self, inputs: str | None = None, *, messages: Sequence[Message] | None = None,
-            adapter_id: str | None = None, adapter_source: str | None = None, api_token: str | None = None,
-            merged_adapters: MergedAdapters | None = None, max_new_tokens: int | None = None,
-            do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-            top_p: float | None = None, typical_p: float | None = None, repetition_penalty: float | None = None,
-            frequency_penalty: float | None = None, presence_penalty: float | None = None,
-            stop: Sequence[str] | None = None, seed: int | None = None, best_of: int | None = None,
-            details: bool | None = None, decoder_input_details: bool | None = None,
-            return_k_alternatives: int | None = None, ignore_eos_token: bool | None = None,
-            return_full_text: bool | None = None, truncate: int | None = None, watermark: bool | None = None,
-            apply_chat_template: bool | None = None,
-            response_format: ResponseFormat | Mapping[str, Any] | None = None,
             timeout: float | None = None, job_id: str | None = None, deadline: float | None = None,
+            **parameters: Unpack[GenerateParameters],
     ) -> Iterator[Token | GenerationResult]:
         """See `Client.generate_stream`."""
-        agen = self._client.generate_stream(**_arguments(locals()))
+        agen = self._client.generate_stream(inputs, messages=messages, timeout=timeout, job_id=job_id,
+                                            deadline=deadline, **parameters)
         try:
             while True:
                 try:
@@ -483,17 +448,16 @@ class SyncClient:
         self.close()
 
 
-def _arguments(call_locals: dict[str, Any]) -> dict[str, Any]:
-    """A method's arguments by name, from its `locals()` taken first thing (all but `self`)."""
-    return {name: value for name, value in call_locals.items() if name != "self"}
-
-
-def _wire_parameters(call_locals: dict[str, Any]) -> dict[str, Any]:
-    """The job's `parameters` map from `generate`'s arguments (taken first thing, by `locals()`):
-    those named like a wire parameter and not None, the typed values in their wire shape."""
+def _wire_parameters(parameters: GenerateParameters) -> dict[str, Any]:
+    """The job's `parameters` map from a call's generation keywords: those not None, the typed values
+    in their wire shape. A keyword that is no wire parameter is a TypeError, as for any function."""
+    given: Mapping[str, Any] = parameters
+    unknown = sorted(given.keys() - set(PARAMETER_NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} (not a wire parameter, docs/protocol.md)")
     wire: dict[str, Any] = {}
     for name in PARAMETER_NAMES:
-        value = call_locals[name]
+        value = given.get(name)
         if isinstance(value, MergedAdapters):
             value = merged_adapters_to_wire(value)
         elif isinstance(value, ResponseFormat):
@@ -508,7 +472,7 @@ def _wire_parameters(call_locals: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "DEFAULT_AMQP_URL", "JSON", "MSGPACK", "BestOfSequence", "Client", "Details", "GenerationError",
-    "GenerationResult", "GenerationTimeout", "LoraqError", "MergedAdapters", "Message", "ProtocolError",
-    "ResponseFormat", "ScoredToken", "SyncClient", "Token", "UnroutableError",
+    "DEFAULT_AMQP_URL", "JSON", "MSGPACK", "BestOfSequence", "Client", "Details", "GenerateParameters",
+    "GenerationError", "GenerationResult", "GenerationTimeout", "LoraqError", "MergedAdapters", "Message",
+    "ProtocolError", "ResponseFormat", "ScoredToken", "SyncClient", "Token", "UnroutableError",
 ]

@@ -69,6 +69,7 @@ from consumer.protocol.parameters import (
     PARAMETER_NAMES,
     RESPONSE_FORMAT_TYPES,
     SAMPLING_FIELDS,
+    GenerateParameters,
     Parameters,
     merged_adapters_to_wire,
     parse_merged_adapters,
@@ -108,8 +109,8 @@ __all__ = [
     # names, limits
     "Topology", "Limits",
     # parameters
-    "Parameters", "parse_parameters", "PARAMETER_NAMES", "SAMPLING_FIELDS", "ADAPTER_SOURCES", "MAX_MERGED_ADAPTERS",
-    "MAX_BEST_OF", "MAX_K_ALTERNATIVES", "parse_merged_adapters", "merged_adapters_to_wire",
+    "Parameters", "GenerateParameters", "parse_parameters", "PARAMETER_NAMES", "SAMPLING_FIELDS", "ADAPTER_SOURCES",
+    "MAX_MERGED_ADAPTERS", "MAX_BEST_OF", "MAX_K_ALTERNATIVES", "parse_merged_adapters", "merged_adapters_to_wire",
     "RESPONSE_FORMAT_TYPES", "DEFAULT_JSON_SCHEMA", "parse_response_format", "response_format_to_wire",
     # jobs
     "Job", "ROLES", "decode_job", "parse_body", "parse_messages", "parse_deadline", "job_id_of", "job_body",

@@ -1,12 +1,14 @@
 """A job's `parameters`, typed: adapter choice, sampling values, LoRAX's `merged_adapters` and
 `response_format`. Wire types and size limits are checked here, sampling values by the engine's
-SamplingParams. Also the JSON-type helpers that job decoding shares."""
+SamplingParams. Also the JSON-type helpers that job decoding shares, and `GenerateParameters`, the
+keywords a client call takes for them."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from consumer.protocol.errors import _fail
 from consumer.protocol.limits import Limits
@@ -32,6 +34,39 @@ SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 _WIRE_NAMES = {attr: name for name, (attr, _) in SAMPLING_FIELDS.items()}
 PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", "merged_adapters", *SAMPLING_FIELDS, "return_full_text",
                    "truncate", "watermark", "apply_chat_template", "response_format")
+
+
+class GenerateParameters(TypedDict, total=False):
+    """The wire's parameters (PARAMETER_NAMES, docs/protocol.md "Parameters") as typed keywords of a
+    client call (`Client.generate(..., **parameters)`). Every key is optional and None leaves it out,
+    so the wire's default applies; `merged_adapters` and `response_format` take the engine's value
+    types (a `response_format` map is sent as given), and a string `stop` is one stop sequence."""
+
+    adapter_id: str | None
+    adapter_source: str | None
+    api_token: str | None
+    merged_adapters: MergedAdapters | None
+    max_new_tokens: int | None
+    do_sample: bool | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    typical_p: float | None
+    repetition_penalty: float | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    stop: Sequence[str] | None
+    seed: int | None
+    best_of: int | None
+    details: bool | None
+    decoder_input_details: bool | None
+    return_k_alternatives: int | None
+    ignore_eos_token: bool | None
+    return_full_text: bool | None
+    truncate: int | None
+    watermark: bool | None
+    apply_chat_template: bool | None
+    response_format: ResponseFormat | Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import uuid
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from consumer.protocol import (
     Details,
     ErrorReply,
     FinalReply,
+    GenerateParameters,
     Job,
     Limits,
     ProtocolError,
@@ -254,6 +256,8 @@ async def test_concurrent_jobs_matched_by_correlation_id(client, responder):
 async def test_bad_arguments_never_publish(client, responder):
     with pytest.raises(TypeError, match="max_tokens"):
         await client.generate("hi", max_tokens=3)
+    with pytest.raises(TypeError, match="max_tokens"):
+        await anext(client.generate_stream("hi", max_tokens=3))
     with pytest.raises(ProtocolError):
         await client.generate("hi", max_new_tokens="3")
     with pytest.raises(ProtocolError):
@@ -291,15 +295,34 @@ async def test_every_wire_parameter_is_a_typed_keyword(client, responder):
         await client.generate("hi", watermark=True)  # refused by name before publishing
 
 
+def test_generate_parameters_are_the_wire_parameters():
+    """The typed keywords are the wire's parameters, every one optional and typed."""
+    assert tuple(GenerateParameters.__annotations__) == PARAMETER_NAMES
+    assert GenerateParameters.__optional_keys__ == frozenset(PARAMETER_NAMES)
+    hints = typing.get_type_hints(GenerateParameters)
+    assert all(type(None) in typing.get_args(hints[name]) for name in PARAMETER_NAMES)  # None: the default
+
+
 @pytest.mark.parametrize("method", [Client.generate, Client.generate_stream, SyncClient.generate,
                                     SyncClient.generate_stream])
-def test_signatures_name_every_wire_parameter_and_no_catch_all(method):
+def test_signatures_type_the_wire_parameters_once(method):
     params = inspect.signature(method).parameters
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    generation = set(params) - {"self", "inputs", "messages", "timeout", "job_id", "deadline"}
-    assert generation == set(PARAMETER_NAMES)
-    assert all(params[name].default is None and params[name].annotation != inspect.Parameter.empty
-               for name in PARAMETER_NAMES)
+    assert list(params) == ["self", "inputs", "messages", "timeout", "job_id", "deadline", "parameters"]
+    assert params["parameters"].kind is inspect.Parameter.VAR_KEYWORD
+    assert typing.get_type_hints(method)["parameters"] == typing.Unpack[GenerateParameters]
+
+
+async def test_sync_client_refuses_unknown_keywords(topology, responder):
+    def run() -> None:
+        with SyncClient(URL, topology=topology, timeout=5.0) as client:
+            with pytest.raises(TypeError, match="max_tokens"):
+                client.generate("hi", max_tokens=3)
+            with pytest.raises(TypeError, match="max_tokens"):
+                next(client.generate_stream("hi", max_tokens=3))
+
+    await asyncio.to_thread(run)
+    await asyncio.sleep(0.1)
+    assert responder.jobs == []
 
 
 async def test_results_carry_typed_details(client, responder):
