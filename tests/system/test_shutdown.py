@@ -15,21 +15,27 @@ import pytest
 
 from consumer.service import EXIT_GRACE_EXCEEDED
 from tests.amqp_helpers import WorkerProcess, worker_args
+from tests.builders import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
 GRACE_S = 3.0
 JOBS = 8
+# Each job must outlast the grace on any machine: the tiny model decodes a token in milliseconds,
+# so it gets a long context and a long generation (not the 512 positions of the shared fixture).
+MAX_POSITIONS = 8192
+NEW_TOKENS = 4000  # within the workers' default --max-new-tokens (4096)
 
 
-async def test_sigterm_exits_within_the_grace_with_the_real_engine(tiny_llama, topology, app):
-    real = WorkerProcess(worker_args(topology, "--model", str(tiny_llama), "--device", "cpu",
+async def test_sigterm_exits_within_the_grace_with_the_real_engine(tmp_path, topology, app):
+    model = make_tiny_model(tmp_path / "llama", "llama", max_positions=MAX_POSITIONS)
+    real = WorkerProcess(worker_args(topology, "--model", str(model), "--device", "cpu",
                                      "--dtype", "float32", "--max-batch", "4", "--prefetch", "8",
                                      "--shutdown-grace-s", str(GRACE_S)), real=True)
     try:
         await real.started(timeout=120)
         cids = [await app.publish(inputs=f"job {i} hello there", stream=True,
-                                  parameters={"max_new_tokens": 480}) for i in range(JOBS)]
+                                  parameters={"max_new_tokens": NEW_TOKENS}) for i in range(JOBS)]
         await app.wait(cids[0], final=False, timeout=60)  # tokens flowing: the engine is busy
         sent = time.monotonic()
         real.signal(signal.SIGTERM)
@@ -45,7 +51,7 @@ async def test_sigterm_exits_within_the_grace_with_the_real_engine(tiny_llama, t
     finally:
         real.kill()
     answered_before = [c for c in cids if any(m.type == "result" for m in app.replies.get(c, []))]
-    assert not answered_before  # 480 tokens take far longer than the grace
+    assert not answered_before  # NEW_TOKENS take far longer than the grace
 
     fake = WorkerProcess(worker_args(topology))
     try:
