@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from engine.engine import Engine
     from engine.model_loader import ModelSpec
+    from engine.request import Completion, GenerationRequest
 
 T = TypeVar("T")
 
@@ -39,6 +42,32 @@ def on_own_thread(fn: Callable[[], T]) -> T:
     """fn() on a new thread that ends with it (its OpenMP pool ends too: README, "CPU threads")."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(fn).result()
+
+
+def run_all(engine: Engine, requests: Sequence[GenerationRequest]) -> tuple[float, list[Completion]]:
+    """Submit every request at once (one group); wall seconds until the last finishes, and the
+    completions in request order. Raises if any request failed."""
+    from engine.request import Completion, Outcome
+
+    done = threading.Event()
+    results: dict[str, Outcome] = {}
+    lock = threading.Lock()
+
+    def on_finish(outcome: Outcome) -> None:
+        with lock:
+            results[outcome.request_id] = outcome
+            if len(results) == len(requests):
+                done.set()
+
+    start = time.perf_counter()
+    engine.submit_many([(r, None, on_finish) for r in requests])
+    done.wait()
+    elapsed = time.perf_counter() - start
+    ordered = [results[r.id] for r in requests]
+    failed = [o for o in ordered if not isinstance(o, Completion)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
+    return elapsed, [o for o in ordered if isinstance(o, Completion)]
 
 
 def make_prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:

@@ -19,7 +19,6 @@ import json
 import logging
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -29,11 +28,11 @@ from typing import Any
 import structlog
 import torch
 
-from benchmarks.common import make_prompts, on_own_thread, parse_targets, write_random_adapters
+from benchmarks.common import make_prompts, on_own_thread, parse_targets, run_all, write_random_adapters
 from benchmarks.common import progress as _progress
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, SamplingParams
+from engine.request import AdapterRef, Completion, GenerationRequest, SamplingParams
 
 progress = partial(_progress, "engine")
 
@@ -41,29 +40,10 @@ progress = partial(_progress, "engine")
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int,
                adapters: Sequence[str | None]) -> tuple[float, list[Completion]]:
     """Submit every request at once; wall seconds until the last finishes, and the results."""
-    done = threading.Event()
-    results: dict[str, Outcome] = {}
-    lock = threading.Lock()
-
-    def on_finish(outcome: Outcome) -> None:
-        with lock:
-            results[outcome.request_id] = outcome
-            if len(results) == len(prompts):
-                done.set()
-
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    engine.submit_many([(GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
-                                           adapter=AdapterRef(adapter) if adapter else None), None, on_finish)
-                        for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True))])
-    done.wait()
-    elapsed = time.perf_counter() - start
-    ordered = [results[f"r{i}"] for i in range(len(prompts))]
-    completions = [o for o in ordered if isinstance(o, Completion)]
-    if len(completions) < len(ordered):
-        failed = next(o for o in ordered if not isinstance(o, Completion))
-        raise RuntimeError(f"{len(ordered) - len(completions)} requests failed, first: {failed}")
-    return elapsed, completions
+    return run_all(engine, [GenerationRequest(id=f"r{i}", prompt_token_ids=ids, params=params,
+                                              adapter=AdapterRef(adapter) if adapter else None)
+                            for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True))])
 
 
 def load_peft(hf: Any, root: Path, names: list[str]) -> Any:

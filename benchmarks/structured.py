@@ -21,7 +21,6 @@ import json
 import logging
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,12 +31,12 @@ from typing import Any
 import structlog
 import torch
 
-from benchmarks.common import make_prompts, parse_targets, write_random_adapters
+from benchmarks.common import make_prompts, parse_targets, run_all, write_random_adapters
 from benchmarks.common import progress as _progress
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.grammar import Grammar
-from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, ResponseFormat, SamplingParams
+from engine.request import AdapterRef, Completion, GenerationRequest, ResponseFormat, SamplingParams
 
 progress = partial(_progress, "structured")
 
@@ -112,26 +111,9 @@ class _TimedFuture(Future):
 
 def run(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, int, list[Completion]]:
     """Submit all at once: (wall seconds until the last finishes, engine steps, completions)."""
-    done = threading.Event()
-    results: dict[str, Outcome] = {}
-    lock = threading.Lock()
-
-    def on_finish(outcome: Outcome) -> None:
-        with lock:
-            results[outcome.request_id] = outcome
-            if len(results) == len(requests):
-                done.set()
-
     steps = engine.stats()["steps"]
-    start = time.perf_counter()
-    engine.submit_many([(r, None, on_finish) for r in requests])
-    done.wait()
-    elapsed = time.perf_counter() - start
-    ordered = [results[r.id] for r in requests]
-    failed = [o for o in ordered if not isinstance(o, Completion)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
-    return elapsed, engine.stats()["steps"] - steps, [o for o in ordered if isinstance(o, Completion)]
+    elapsed, completions = run_all(engine, requests)
+    return elapsed, engine.stats()["steps"] - steps, completions
 
 
 def main(argv: list[str] | None = None) -> int:
