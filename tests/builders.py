@@ -221,3 +221,30 @@ def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict
         engine.submit(request, on_token, finish)
     assert done.wait(timeout), f"only {len(outcomes)}/{len(requests)} requests finished"
     return outcomes
+
+
+def peft_with_adapters(model_dir: Path, root: Path, adapters: dict[str, dict], seed: int, scale: float = 0.15):
+    """The reference the engine is checked against: `adapters` (name -> make_adapter kwargs) written
+    under `root` (seeds seed, seed + 1, ...), all loaded into one PeftModel on its own fp32 copy of the
+    base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for i, (name, kw) in enumerate(adapters.items()):
+        make_adapter(model_dir, root / name, seed=seed + i, scale=scale, **kw)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    first, *rest = adapters
+    peft = PeftModel.from_pretrained(base, root / first, adapter_name=first)
+    for name in rest:
+        peft.load_adapter(root / name, adapter_name=name)
+    return peft.eval()
+
+
+def peft_logits(peft, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V]: PEFT with `adapter` (the base model for None) over the whole sequence, no cache."""
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                return peft(torch.tensor([ids])).logits[0]
+        peft.set_adapter(adapter)
+        return peft(torch.tensor([ids])).logits[0]

@@ -21,7 +21,7 @@ from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
 from engine.request import AdapterRef, Completion, ErrorType, GenerationFailure, GenerationRequest, SamplingParams
 from engine.sequence import Sequence
-from tests.builders import ARCHS, make_adapter, run_requests
+from tests.builders import ARCHS, peft_logits, peft_with_adapters, run_requests
 
 PROMPT_LENGTHS = (3, 17, 40, 9, 26)
 
@@ -472,34 +472,15 @@ ADAPTERS = {  # name -> make_adapter kwargs: ranks 1..32, alpha, rslora, pattern
 @pytest.fixture(scope="module")
 def peft_setup(tiny_model_dirs, tmp_path_factory):
     """arch -> (adapter root, PeftModel with every adapter loaded, on its own copy of the base)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     cache = {}
 
     def get(arch: str):
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"adapters_{arch}")
-            for seed, (name, kw) in enumerate(ADAPTERS.items()):
-                make_adapter(tiny_model_dirs[arch], root / name, seed=seed + 10, scale=0.15, **kw)
-            base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
-            names = list(ADAPTERS)
-            peft = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
-            for name in names[1:]:
-                peft.load_adapter(root / name, adapter_name=name)
-            cache[arch] = (root, peft.eval())
+            cache[arch] = (root, peft_with_adapters(tiny_model_dirs[arch], root, ADAPTERS, seed=10))
         return cache[arch]
 
     return get
-
-
-def _peft_logits(peft, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        if adapter is None:
-            with peft.disable_adapter():
-                return peft(torch.tensor([ids])).logits[0, -1]
-        peft.set_adapter(adapter)
-        return peft(torch.tensor([ids])).logits[0, -1]
 
 
 def _peft_greedy(peft, adapter: str | None, ids: list[int], new: int) -> list[int]:
@@ -548,7 +529,7 @@ def test_mixed_adapters_logits_match_peft(arch, loaded_models, peft_setup):
         seqs.append(seq)
         adapters.append(adapter)
     assert_steps_match(runner, blocks, seqs, 4,
-                       lambda i, seq: _peft_logits(peft, adapters[i], seq.token_ids))
+                       lambda i, seq: peft_logits(peft, adapters[i], seq.token_ids)[-1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -726,7 +707,7 @@ def test_embedded_smollm2_mixed_adapters_match_peft(tmp_path):
     logits = runner.run(seqs)
     for seq, row in zip(seqs, logits, strict=True):
         adapter = prompts[seq.request_id][0]
-        torch.testing.assert_close(row, _peft_logits(peft, adapter, seq.token_ids), atol=1e-3, rtol=0)
+        torch.testing.assert_close(row, peft_logits(peft, adapter, seq.token_ids)[-1], atol=1e-3, rtol=0)
 
     # greedy: the whole engine, all rows submitted together
     engine = Engine(EngineConfig(adapter_root=str(tmp_path), max_lora_rank=16, adapter_slots=4), model=model)

@@ -15,7 +15,7 @@ from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
 from engine.request import AdapterRef, Completion, GenerationRequest, SamplingParams
 from engine.sequence import Sequence
-from tests.builders import make_adapter, run_requests
+from tests.builders import peft_logits, peft_with_adapters, run_requests
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = {  # name -> make_adapter kwargs
@@ -39,47 +39,28 @@ def result(outcome) -> Completion:
 @pytest.fixture(scope="module")
 def peft_models(tiny_model_dirs, tmp_path_factory):
     """arch -> (adapter root, PeftModel with every adapter of ADAPTERS loaded, on its own base copy)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     cache = {}
 
     def get(arch: str):
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"mixed_{arch}")
-            for seed, (name, kw) in enumerate(ADAPTERS.items()):
-                make_adapter(tiny_model_dirs[arch], root / name, seed=seed + 50, scale=0.15, **kw)
-            base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32).eval()
-            peft = PeftModel.from_pretrained(base, root / NAMES[0], adapter_name=NAMES[0])
-            for name in NAMES[1:]:
-                peft.load_adapter(root / name, adapter_name=name)
-            cache[arch] = (root, peft.eval())
+            cache[arch] = (root, peft_with_adapters(tiny_model_dirs[arch], root, ADAPTERS, seed=50))
         return cache[arch]
 
     return get
-
-
-def reference_logits(peft, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V]: PEFT (or the base model, adapter None) over the whole sequence, no cache."""
-    with torch.no_grad():
-        if adapter is None:
-            with peft.disable_adapter():
-                return peft(torch.tensor([ids])).logits[0]
-        peft.set_adapter(adapter)
-        return peft(torch.tensor([ids])).logits[0]
 
 
 def reference_greedy(peft, adapter: str | None, ids: list[int], new: int) -> list[int]:
     """Greedy tokens by a full forward per token (no KV cache, no sliding-window cache logic)."""
     ids = list(ids)
     for _ in range(new):
-        ids.append(int(reference_logits(peft, adapter, ids)[-1].argmax()))
+        ids.append(int(peft_logits(peft, adapter, ids)[-1].argmax()))
     return ids[-new:]
 
 
 def reference_logprobs(peft, adapter: str | None, ids: list[int]) -> torch.Tensor:
     """[len(ids) - 1]: log p(ids[p] | ids[:p]) for p >= 1."""
-    logp = torch.log_softmax(reference_logits(peft, adapter, ids), dim=-1)
+    logp = torch.log_softmax(peft_logits(peft, adapter, ids), dim=-1)
     return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
@@ -143,7 +124,7 @@ def test_prompt_chunks_beside_decode_rows_match_peft(arch, loaded_models, peft_m
         logits = runner.run(rows, num_new)
         assert logits.shape[0] == len(reach_end)
         for seq, row in zip(reach_end, logits, strict=True):
-            expected = reference_logits(peft, adapter_of[seq.request_id], seq.token_ids)[-1]
+            expected = peft_logits(peft, adapter_of[seq.request_id], seq.token_ids)[-1]
             torch.testing.assert_close(row, expected, atol=1e-3, rtol=0)
             checked[seq.request_id] += 1
             seq.token_ids.append(int(row.argmax()))
