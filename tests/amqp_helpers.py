@@ -256,3 +256,15 @@ async def delete_topology(topology: Topology) -> None:
                 pass
     finally:
         await connection.close()
+
+
+def broker_connection_of(pid: int, role: str) -> str:
+    """The broker's (Erlang) id of process `pid`'s AMQP connection; `role` is "worker" or "client"
+    (their connection names are loraq-<role>@host:pid)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        erlang_pid, _, props = line.partition("\t")
+        if f"loraq-{role}@" in props and f':{pid}"' in props:
+            return erlang_pid
+    raise AssertionError(f"no {role} connection of pid {pid}")

@@ -56,6 +56,7 @@ from consumer.protocol import (
     encode,
 )
 from engine.request import SamplingParams, Timings
+from tests.amqp_helpers import broker_connection_of
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,17 +375,6 @@ async def test_several_broker_urls(topology, responder):
             assert client._connection.current_url == "amqp://guest:***@127.0.0.1:5672/"
 
 
-def client_connection(pid: int) -> str:
-    """The broker's id of this process's Client connection (named loraq-client@host:pid)."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                         capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        erlang_pid, _, props = line.partition("\t")
-        if "loraq-client@" in props and f':{pid}"' in props:
-            return erlang_pid
-    raise AssertionError(f"no client connection of pid {pid}")
-
-
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
 async def test_a_lost_connection_republishes_waiting_jobs(topology, responder):
     """Replies sent while the client was away are lost with its reply queue: after reconnecting
@@ -392,7 +382,7 @@ async def test_a_lost_connection_republishes_waiting_jobs(topology, responder):
     async with Client(URL + "?reconnect_interval=0.3", topology=topology, timeout=20.0) as client:
         task = asyncio.create_task(client.generate("twice", job_id="again"))
         await wait_until(lambda: len(responder.jobs) == 1)
-        connection = await asyncio.to_thread(client_connection, os.getpid())
+        connection = await asyncio.to_thread(broker_connection_of, os.getpid(), "client")
         await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "close_connection", connection,
                                                  "client test"], check=True, capture_output=True)
         assert (await task).generated_text == "TWICE"

@@ -35,6 +35,7 @@ from tests.amqp_helpers import (
     AMQP_URL,
     App,
     WorkerProcess,
+    broker_connection_of,
     delete_topology,
     require_affinity,
     unique_topology,
@@ -157,17 +158,6 @@ class Ledger:
         return row
 
 
-def amqp_connection_of(pid: int) -> str:
-    """The broker's (Erlang) id of a worker's AMQP connection: its name carries the pid."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                         capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        erlang_pid, _, props = line.partition("\t")
-        if "loraq-worker@" in props and f':{pid}"' in props:
-            return erlang_pid
-    raise AssertionError(f"no AMQP connection of pid {pid}")
-
-
 def close_amqp_connection(erlang_pid: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", "close_connection", erlang_pid, "fault test"],
                    check=True, capture_output=True)
@@ -200,7 +190,7 @@ async def test_connection_drop_mid_batch(topology, app, workers, affinity_mode):
     w = await workers(topology, "--max-batch", "4", "--prefetch", "8", "--fake-step-s", "0.03",
                       "--amqp-url", with_query(AMQP_URL, reconnect_interval=0.5),
                       *(["--affinity", "--log-level", "debug"] if affinity_mode else []))
-    connection = await asyncio.to_thread(amqp_connection_of, w.proc.pid)
+    connection = await asyncio.to_thread(broker_connection_of, w.proc.pid, "worker")
     ledger = Ledger(app)
     cids = [await ledger.job(inputs=prompt(i), stream=i % 2 == 0,
                              parameters={"adapter_id": f"tenant-{i % 3}"}) for i in range(24)]
