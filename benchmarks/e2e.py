@@ -1,21 +1,41 @@
-"""End-to-end benchmark (issue 3): one workload run on the engine directly and through RabbitMQ.
+"""`loraq bench e2e`: loraq through RabbitMQ as users meet it, against the engine alone and against a
+naive PEFT + aio-pika worker (benchmarks/naive_worker.py), every number of one run side by side.
 
-    python -m benchmarks.e2e            # or: loraq bench e2e
+    python -m benchmarks.e2e                                  # or: loraq bench e2e; every scenario
+    python -m benchmarks.e2e --json results.json --plot results.png
+    python -m benchmarks.e2e --scenarios rotation --rotation-sets 1,100,1000 --rotation-jobs 300
+    python -m benchmarks.plot results.json results.png        # the picture again, from the JSON
 
-    engine    an in-process `Engine`; requests submitted from this thread
-    rabbitmq  a worker subprocess (same settings, its own engine) fed by `consumer.client.Client`
+The default run takes about 12-13 minutes on a 2-core CPU with the embedded SmolLM2-135M: ~1 to
+start the workers and write the adapters, ~2 for overhead, ~2 for rotation, ~7-8 for the bursts
+(most of it the naive PEFT workers). Progress lines say where it is.
 
-Each path runs two load shapes:
-    burst   every job submitted / published at once: throughput and latency under load
-    serial  one job at a time: what the broker path adds to a single job, nothing else running
-
-Workload: --jobs text prompts of about --prompt-tokens tokens, round-robin over the base model and
---adapters random PEFT adapters (written to a temp adapter root), greedy, --new-tokens each. The
-wire has no `ignore_eos`, so neither path uses it: both decode the same greedy tokens and the
-printout checks that their texts agree. Adapter loads are warmed up off the clock on both paths,
-and the paths take turns (--repeats bursts each, serial jobs alternating) so that background load
-on the machine hits both alike. Latency is per job, from submit / publish to the result in hand;
-the broker's own cost is also shown apart from compute (queue wait + time outside the engine).
+Scenarios (--scenarios, comma-separated; all by default), run in this order:
+  overhead   (issue 3) --overhead-jobs jobs of up to --overhead-new-tokens tokens, round-robin over
+             the base model and --overhead-adapters adapters, run on an in-process `Engine` built
+             from the worker's own flags and through the broker (the worker + `consumer.client`),
+             taking turns: all at once (--repeats bursts each), then --overhead-serial-jobs one at a
+             time per path, each pair followed by round trips of a bare aio-pika echo in another
+             process through a quorum queue (the broker's own cost on this machine). jobs/s, p50/p99,
+             what the broker adds per job; the greedy texts of both paths must agree. The wire has
+             no `ignore_eos`, so neither path uses it here.
+  rotation   (issue 12, point 2) one job at a time, --rotation-new-tokens tokens, cold rank
+             --rotation-rank adapters in rotation within each of --rotation-sets (disjoint sets),
+             --rotation-jobs jobs per set on loraq and on the naive PEFT worker one job at a time,
+             taking turns job by job: p50/p99 latency per set, largest set's p50 / smallest's.
+  staggered  (point 1) --jobs jobs on as many distinct rank --rank adapters (--targets) against
+             --jobs base-model jobs, published one by one (--gap-ms apart): tokens/s, adapters / base.
+  sweep      (the picture's left panel) the --jobs jobs over k distinct adapters, job i on adapter
+             i mod k, for each k of --sweep-adapters (0: the base model), on loraq and on the naive
+             PEFT worker batching mixed adapters (`adapter_names`): tokens/s per system and k.
+  naive      (point 4) the staggered scenario's adapter jobs on loraq and on the naive PEFT worker,
+             one job at a time and batching: tokens/s, loraq / PEFT, and how many greedy texts agree.
+The staggered, sweep and naive jobs (~--prompt-tokens-token prompts, --new-tokens tokens each, greedy,
+ignore_eos_token) are bursts run as benchmarks/user_path.py says: each needed (system, k) once, after
+a warm-up round, --repeats rounds taking turns. One loraq worker serves every scenario; the naive
+workers (one batching, one serial) start only when a scenario needs them. Each works on a throwaway
+topology or queue removed afterwards; their log files are named at start and kept. The printout ends
+with the ratios against their targets; --json writes every number, --plot draws them (benchmarks/plot.py).
 """
 
 from __future__ import annotations
@@ -23,6 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import operator
+import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -31,6 +54,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,9 +63,18 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from benchmarks.common import make_prompts, parse_targets, percentile, write_random_adapters
+from benchmarks import plot, user_path
+from benchmarks.common import (
+    make_prompts,
+    model_spec,
+    model_tokenizer,
+    parse_targets,
+    percentile,
+    write_random_adapters,
+)
+from benchmarks.user_path import JOB_TIMEOUT_S, LORAQ, PEFT_BATCH, PEFT_SERIAL, Jobs, Target, say
 from consumer.client import DEFAULT_AMQP_URL, Client, GenerationResult
-from consumer.logging import configure_logging
+from consumer.logging import configure_logging, redact_url
 from consumer.protocol import Topology
 from consumer.settings import WorkerSettings
 from consumer.worker_process import REPO_ROOT, WorkerProcess, delete_topology, free_port, topology_args
@@ -50,10 +83,13 @@ from engine.request import AdapterRef, Completion, GenerationRequest, Outcome, S
 if TYPE_CHECKING:
     from engine.engine import Engine
 
-START_TIMEOUT_S = 600.0
-JOB_TIMEOUT_S = 600.0
+SCENARIOS = ("overhead", "rotation", "staggered", "sweep", "naive")
+START_TIMEOUT_S = 900.0
 TARGET_OVERHEAD_MS = 5.0  # issue 3: the broker path adds < 5 ms p50 ...
 TARGET_RATIO = 0.95  # ... and keeps >= 95% of the engine's throughput
+TARGET_STAGGERED = 0.95  # issue 12: adapters / base tok/s, published one by one
+TARGET_ROTATION = 1.05  # p50 with the largest set / p50 with the smallest
+TARGET_NAIVE = 10.0  # loraq / naive PEFT tok/s, the naive worker one job at a time
 FLOOR_PER_JOB = 3  # broker-floor round trips after each serial job
 FLOOR_IDLE_S = 0.2  # idle before each, as a worker is between serial jobs
 
@@ -103,18 +139,21 @@ class Run:
 
 
 def worker_flags(args: argparse.Namespace, topology: Topology, adapter_root: Path) -> list[str]:
-    """`loraq worker` flags for this run (WorkerProcess adds the metrics ones). The in-process
-    engine is built from the same flags, so both paths run one configuration."""
+    """`loraq worker` flags for this run (WorkerProcess adds the metrics ones): room for every
+    scenario's jobs and adapters. The in-process engine of the overhead scenario is built from the
+    same flags, so both of its paths run one configuration."""
     return ["--amqp-url", args.amqp_url, *topology_args(topology), "--model", args.model,
             "--device", args.device, "--dtype", args.dtype, "--adapter-root", str(adapter_root),
-            "--max-batch", str(args.max_batch), "--prefetch", str(max(args.jobs, args.max_batch)),
-            "--batch-window-ms", str(args.batch_window_ms), "--max-lora-rank", str(max(args.rank, 1)),
-            "--adapter-slots", str(max(args.adapters, args.adapter_slots))]
+            "--max-batch", str(args.max_batch),
+            "--prefetch", str(max(2 * args.jobs, args.overhead_jobs, args.max_batch)),
+            "--batch-window-ms", str(args.batch_window_ms), "--max-lora-rank", str(max(args.rank, args.rotation_rank)),
+            "--adapter-slots", str(max(args.adapter_slots, args.jobs, args.overhead_adapters)),
+            *shlex.split(args.worker_args)]
 
 
 # ---- (i) the engine directly ---------------------------------------------------------------------
 
-def engine_burst(engine: Engine, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
+def engine_burst(engine: Engine, jobs: Jobs, new_tokens: int) -> Run:
     """Submit every job at once; each job's latency from its own submit to its on_finish."""
     params = SamplingParams(max_new_tokens=new_tokens)  # what the worker builds from the wire
     lock, done = threading.Lock(), threading.Event()
@@ -148,7 +187,7 @@ def engine_burst(engine: Engine, jobs: list[tuple[str, str | None]], new_tokens:
 
 # ---- (ii) through RabbitMQ -----------------------------------------------------------------------
 
-async def broker_burst(client: Client, jobs: list[tuple[str, str | None]], new_tokens: int) -> Run:
+async def broker_burst(client: Client, jobs: Jobs, new_tokens: int) -> Run:
     """Publish every job at once; each job's latency from its publish to its result."""
 
     async def one(prompt: str, adapter: str | None) -> tuple[float, float, GenerationResult]:
@@ -243,14 +282,12 @@ class BrokerFloor:
             await self._responder.wait()
 
 
-Jobs = list[tuple[str, str | None]]  # (prompt, adapter id or None) per job
-
-
-async def measure(engine: Engine, url: str, topology: Topology, warmup: Jobs, burst: Jobs, serial: Jobs,
-                  new_tokens: int, repeats: int) -> tuple[dict[tuple[str, str], Run], list[float]]:
+async def measure_overhead(engine: Engine, url: str, topology: Topology, warmup: Jobs, burst: Jobs,
+                           serial: Jobs, new_tokens: int,
+                           repeats: int) -> tuple[dict[tuple[str, str], Run], list[float]]:
     """Both paths, interleaved so that drifting background load hits both alike: bursts
     alternate which path goes first, serial jobs alternate path job by job, each pair followed by
-    a few `BrokerFloor` round trips."""
+    a few `BrokerFloor` round trips. The runs by (path, load), and the floor's round trips."""
 
     def on_engine(jobs: Jobs, tokens: int) -> Any:
         return asyncio.to_thread(engine_burst, engine, jobs, tokens)
@@ -264,29 +301,52 @@ async def measure(engine: Engine, url: str, topology: Topology, warmup: Jobs, bu
                 run = await (on_engine(burst, new_tokens) if path == "engine"
                              else broker_burst(client, burst, new_tokens))
                 bursts[path].append(run)
+                say(f"overhead: burst {rep + 1}/{repeats} {path}: {run.jobs_per_s:.2f} jobs/s")
         serials: dict[str, list[Run]] = {"engine": [], "rabbitmq": []}
         async with BrokerFloor(url) as floor:
-            for job in serial:
+            for i, job in enumerate(serial):
                 serials["engine"].append(await on_engine([job], new_tokens))
                 serials["rabbitmq"].append(await broker_burst(client, [job], new_tokens))
                 for _ in range(FLOOR_PER_JOB):
                     await asyncio.sleep(FLOOR_IDLE_S)
                     await floor.round_trip()
+                if (i + 1) % 4 == 0 or i + 1 == len(serial):
+                    say(f"overhead: one at a time, {i + 1}/{len(serial)} jobs on each path")
     return {**{(path, "burst"): Run.combine(runs, "burst") for path, runs in bursts.items()},
             **{(path, "serial"): Run.combine(runs, "serial") for path, runs in serials.items()}}, \
         floor.round_trips_ms
 
 
-# ---- the run -------------------------------------------------------------------------------------
+def run_overhead(args: argparse.Namespace, flags: list[str], topology: Topology, prompts: Sequence[str],
+                 adapters: Sequence[str]) -> tuple[dict[tuple[str, str], Run], list[float], str]:
+    """The overhead scenario: an in-process engine built from the worker's `flags` against the
+    worker. Its runs, the broker floor's round trips and the engine's device."""
+    from engine.engine import Engine  # not at the top: the echo responder runs without torch
+
+    configure_logging("warning")  # the in-process engine's per-request events would drown the progress
+    say("overhead: loading the in-process engine ...")
+    engine = Engine(WorkerSettings.from_args(flags, env={}).engine_config())
+    try:
+        mix = [None, *adapters[:args.overhead_adapters]]
+        burst = [(prompts[i], mix[i % len(mix)]) for i in range(args.overhead_jobs)]
+        serial = [burst[i % len(burst)] for i in range(args.overhead_serial_jobs)]
+        warmup = [(prompts[0], name) for name in mix]  # every adapter's load, off the clock
+        say("overhead: measuring both paths, interleaved ...")
+        runs, floor = asyncio.run(measure_overhead(engine, args.amqp_url, topology, warmup, burst, serial,
+                                                   args.overhead_new_tokens, args.repeats))
+        return runs, floor, str(engine.model.device)
+    finally:
+        engine.shutdown()
+
 
 def overhead_p50(run: Run) -> float:
     """p50 of what a job spent outside the engine's compute: queue wait + transport."""
     return percentile([q + o for q, o in zip(run.queue_ms, run.outside_ms, strict=True)], 50)
 
 
-def report(args: argparse.Namespace, device: str, runs: dict[tuple[str, str], Run],
-           floor: list[float]) -> tuple[str, dict[str, Any]]:
-    """The printed table and the JSON numbers."""
+def report_overhead(args: argparse.Namespace, device: str, runs: dict[tuple[str, str], Run],
+                    floor: list[float]) -> tuple[list[str], dict[str, Any]]:
+    """The overhead scenario's table and numbers (its targets are in the ratio table)."""
     import torch
 
     burst_e, burst_r = runs["engine", "burst"], runs["rabbitmq", "burst"]
@@ -307,128 +367,295 @@ def report(args: argparse.Namespace, device: str, runs: dict[tuple[str, str], Ru
         "identical_texts_burst": f"{same_burst}/{len(burst_e.texts)}",
         "identical_texts_serial": f"{same_serial}/{len(serial_e.texts)}",
     }
-    ratio: float = s["burst_throughput_ratio"]
     over: float = s["serial_p50_overhead_ms"]
     lines = [
-        f"e2e benchmark: {args.jobs} jobs over base + {args.adapters} random rank-{args.rank} "
-        f"adapters ({args.targets}), ~{args.prompt_tokens} prompt tokens, <= {args.new_tokens} new "
-        f"tokens, greedy",
-        f"model {args.model} on {device}, max batch {args.max_batch}, worker batch window "
-        f"{args.batch_window_ms:g} ms, torch threads {torch.get_num_threads()}",
-        "",
-        f"{'load':7s} {'path':9s} {'jobs':>4s} {'jobs/s':>7s} {'p50 ms':>9s} {'p99 ms':>9s} "
+        f"overhead (issue 3): {args.overhead_jobs} jobs over base + {args.overhead_adapters} rank-{args.rank} "
+        f"adapters, <= {args.overhead_new_tokens} new tokens, on the engine in-process and through the broker",
+        f"  on {device}, max batch {args.max_batch}, worker batch window {args.batch_window_ms:g} ms, "
+        f"torch threads {torch.get_num_threads()}",
+        f"  {'load':7s} {'path':9s} {'jobs':>4s} {'jobs/s':>7s} {'p50 ms':>9s} {'p99 ms':>9s} "
         f"{'queue p50':>9s} {'outside p50':>11s} {'tokens':>6s}",
-        *(f"{r.load:7s} {r.path:9s} {len(r.latencies_ms):4d} {r.jobs_per_s:7.2f} {r.p50_ms:9.1f} "
+        *(f"  {r.load:7s} {r.path:9s} {len(r.latencies_ms):4d} {r.jobs_per_s:7.2f} {r.p50_ms:9.1f} "
           f"{r.p99_ms:9.1f} {percentile(r.queue_ms, 50):9.1f} {percentile(r.outside_ms, 50):11.1f} "
           f"{sum(r.generated_tokens):6d}" for r in (burst_e, burst_r, serial_e, serial_r)),
-        "queue: the engine's queue wait (through the worker: + its batch window); outside: latency "
+        "  queue: the engine's queue wait (through the worker: + its batch window); outside: latency "
         "minus the engine's total (broker transport, hand-offs)",
-        "",
-        f"throughput rabbitmq / engine (burst): {ratio:.3f}   "
-        f"[target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'missed'}]; seconds per "
-        f"burst: engine {', '.join(f'{w:.1f}' for w in burst_e.walls_s)}, rabbitmq "
+        f"  seconds per burst: engine {', '.join(f'{w:.1f}' for w in burst_e.walls_s)}, rabbitmq "
         f"{', '.join(f'{w:.1f}' for w in burst_r.walls_s)}",
-        f"broker overhead per job, p50 of queue + outside, one at a time: {over:+.1f} ms "
-        f"(transport {s['serial_p50_transport_ms']:.1f} ms, queue "
-        f"{s['serial_p50_queue_added_ms']:+.1f} ms)   "
-        f"[target < {TARGET_OVERHEAD_MS:g} ms: {'met' if over < TARGET_OVERHEAD_MS else 'missed'}]",
-        f"  the broker's own round trip, p50 of {len(floor)} (a bare aio-pika echo in another "
-        f"process, quorum queue, confirms): {s['broker_floor_p50_ms']:.1f} ms; loraq's own share: "
+        f"  broker overhead per job, p50 of queue + outside, one at a time: {over:+.1f} ms "
+        f"(transport {s['serial_p50_transport_ms']:.1f} ms, queue {s['serial_p50_queue_added_ms']:+.1f} ms); "
+        f"the broker's own round trip, p50 of {len(floor)} (a bare aio-pika echo in another process, quorum "
+        f"queue, confirms): {s['broker_floor_p50_ms']:.1f} ms; loraq's own share: "
         f"{over - s['broker_floor_p50_ms']:+.1f} ms",
-        f"time outside the engine in the burst, p50: {percentile(burst_r.outside_ms, 50):.1f} ms "
+        f"  time outside the engine in the burst, p50: {percentile(burst_r.outside_ms, 50):.1f} ms "
         f"(replies published while the batch runs)",
-        f"p50 latency difference (includes compute noise): one at a time "
+        f"  p50 latency difference (includes compute noise): one at a time "
         f"{s['serial_p50_latency_diff_ms']:+.1f} ms, burst {s['burst_p50_latency_diff_ms']:+.1f} ms"
         f" (p99 {s['burst_p99_latency_diff_ms']:+.1f} ms)",
-        f"identical texts engine vs rabbitmq: burst {same_burst}/{len(burst_e.texts)}, serial "
+        f"  identical texts engine vs rabbitmq: burst {same_burst}/{len(burst_e.texts)}, serial "
         f"{same_serial}/{len(serial_e.texts)}",
     ]
-    numbers = {"workload": {k: v for k, v in vars(args).items() if k != "json_out"},
-               "device": device, "runs": [r.summary() for r in runs.values()],
-               "summary": {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}}
-    return "\n".join(lines), numbers
+    return lines, {"device": device, "runs": [r.summary() for r in runs.values()],
+                   "summary": {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---- the ratios ----------------------------------------------------------------------------------
+
+COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A row of the ratio table: a value measured in this run, what it came from, and its target
+    (`op` `bound`; none when `op` is empty: `bound` is then unused)."""
+
+    name: str
+    value: float
+    detail: str
+    op: str = ""
+    bound: float = 0.0
+    fmt: str = ".3f"
+
+    @property
+    def met(self) -> bool | None:
+        return COMPARE[self.op](self.value, self.bound) if self.op else None
+
+    def line(self) -> str:
+        target = f"{self.op} {self.bound:g}: {'met' if self.met else 'missed'}" if self.op else ""
+        return f"  {self.name:54s} {format(self.value, self.fmt):>8s}  {target:16s}  {self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "target": f"{self.op} {self.bound:g}" if self.op else None,
+                "met": self.met, "detail": self.detail}
+
+
+def ratios(numbers: dict[str, Any]) -> list[Ratio]:
+    """The ratio table's rows, from a run's numbers (whichever scenarios it ran)."""
+    jobs = numbers["workload"]["jobs"]
+    rows = []
+    if "overhead" in numbers:
+        s = numbers["overhead"]["summary"]
+        rows += [Ratio("through the broker / engine alone, jobs/s in bursts", s["burst_throughput_ratio"],
+                       f"texts identical: {s['identical_texts_burst']}", ">=", TARGET_RATIO),
+                 Ratio("broker overhead per job one at a time, p50 ms", s["serial_p50_overhead_ms"],
+                       f"the broker's own round trip: {s['broker_floor_p50_ms']:.1f} ms", "<", TARGET_OVERHEAD_MS,
+                       "+.1f")]
+    if "rotation" in numbers:
+        for name, system in numbers["rotation"]["systems"].items():
+            if "p50_ratio" in system:
+                p50 = {int(n): row["p50_ms"] for n, row in system["sets"].items()}
+                rows.append(Ratio(f"rotation: p50 over {max(p50)} / over {min(p50)} adapters, {name}",
+                                  system["p50_ratio"], f"{p50[max(p50)]:.0f} / {p50[min(p50)]:.0f} ms",
+                                  "<=" if name == LORAQ else "", TARGET_ROTATION))
+    if "staggered" in numbers:
+        s = numbers["staggered"]
+        rows.append(Ratio(f"staggered: {jobs} distinct adapters / base model, tok/s", s["ratio"],
+                          f"{s['adapters_tok_s']:.1f} / {s['base_tok_s']:.1f} tok/s, rounds "
+                          f"{', '.join(f'{r:.3f}' for r in s['ratio_per_round'])}", ">=", TARGET_STAGGERED))
+    if "naive" in numbers:
+        s = numbers["naive"]
+        for name, how, op in ((PEFT_SERIAL, "one job at a time", ">="), (PEFT_BATCH, "adapter_names batches", "")):
+            rows.append(Ratio(f"loraq / naive PEFT worker {how}, tok/s", s[name]["ratio"],
+                              f"{s['loraq_tok_s']:.1f} / {s[name]['tok_s']:.1f} tok/s on {jobs} adapters, texts "
+                              f"identical: {s[name]['identical_texts']}", op, TARGET_NAIVE, ".2f"))
+    return rows
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def every(seconds: float, name: str) -> Callable[[float, str], None]:
+    """A `wait_healthy` progress callback that says where `name` is at most every `seconds`."""
+    last = [-seconds]
+
+    def tick(elapsed: float, status: str) -> None:
+        if elapsed - last[0] >= seconds:
+            last[0] = elapsed
+            say(f"waiting for {name} ({elapsed:.0f} s): {status}")
+
+    return tick
+
+
+def write_adapters(root: Path, names: list[str], spec: Any, rank: int, targets: tuple[str, ...], what: str) -> None:
+    """`write_random_adapters` in chunks, with a progress line per chunk."""
+    chunk = 100
+    for i in range(0, len(names), chunk):
+        write_random_adapters(root, names[i:i + chunk], spec, rank, targets)
+        say(f"{what}: wrote {min(i + chunk, len(names))}/{len(names)}")
+
+
+async def measure_user_path(args: argparse.Namespace, scenarios: list[str], targets: dict[str, Target],
+                            prompts: list[str], adapters: list[str], sets: dict[int, list[str]]) -> dict[str, Any]:
+    """The rotation, then the bursts the other scenarios need, from one publisher."""
+    results: dict[str, Any] = {}
+    async with user_path.Publisher(args.amqp_url) as publisher:
+        if "rotation" in scenarios:  # first: the naive worker has no adapters loaded yet, as loraq's tiers
+            results["rotation"] = await user_path.run_rotation(
+                publisher, [targets[LORAQ], targets[PEFT_SERIAL]], sets, prompts, args.rotation_jobs,
+                args.rotation_new_tokens)
+        cells = user_path.cells(scenarios, targets, args.jobs, args.sweep_adapters)
+        if cells:
+            results["bursts"] = await user_path.run_bursts(publisher, cells, prompts, adapters, args.jobs,
+                                                           args.new_tokens, args.gap_ms, args.repeats)
+    return results
+
+
+def report(args: argparse.Namespace, scenarios: list[str], model: str,
+           results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The printout (each scenario's table, then the ratios against their targets) and the JSON numbers."""
+    date = time.strftime("%Y-%m-%d %H:%M")
+    numbers: dict[str, Any] = {"model": model, "cores": os.cpu_count(), "date": date,
+                               "workload": {k: v for k, v in vars(args).items()
+                                            if k not in ("json_out", "plot", "echo_queue")}}
+    sections = [[f"loraq bench e2e: {model}, {os.cpu_count()} CPU cores, {date}, through RabbitMQ at "
+                 f"{redact_url(args.amqp_url)}, ~{args.prompt_tokens}-token prompts, greedy"]]
+    adapters_text = f"rank-{args.rank} adapters on {args.targets}"
+    if "overhead" in results:
+        runs, floor, device = results["overhead"]
+        lines, numbers["overhead"] = report_overhead(args, device, runs, floor)
+        sections.append(lines)
+    bursts = results.get("bursts", {})
+    if "staggered" in scenarios:
+        numbers["staggered"] = user_path.staggered_numbers(bursts, args.jobs)
+    if "sweep" in scenarios:
+        lines, numbers["sweep"] = user_path.report_sweep(bursts, args.sweep_adapters, args.jobs, args.new_tokens,
+                                                         adapters_text)
+        sections.append(lines)
+    if "rotation" in scenarios:
+        lines, numbers["rotation"] = user_path.report_rotation(
+            results["rotation"], args.rotation_new_tokens, f"rank-{args.rotation_rank} adapters on {args.targets}")
+        sections.append(lines)
+    if "naive" in scenarios:
+        numbers["naive"] = user_path.naive_numbers(bursts, args.jobs)
+    rows = ratios(numbers)
+    numbers["ratios"] = [r.to_json() for r in rows]
+    sections.append(["ratios measured side by side in this run", *(r.line() for r in rows)])
+    return "\n\n".join("\n".join(lines) for lines in sections), numbers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="loraq bench e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--jobs", type=int, default=64, help="jobs in the burst")
-    ap.add_argument("--repeats", type=int, default=2, help="bursts per path (interleaved)")
-    ap.add_argument("--serial-jobs", type=int, default=16, help="jobs run one at a time per path")
     ap.add_argument("--prompt-tokens", type=int, default=70)
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--adapters", type=int, default=8, help="distinct random adapters (+ base)")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16, help="rank of the adapters of every scenario but rotation")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--repeats", type=int, default=2, help="timed rounds per cell / bursts per path, taking turns")
+    ap.add_argument("--jobs", type=int, default=32, help="staggered, sweep, naive: jobs per burst")
+    ap.add_argument("--new-tokens", type=int, default=32, help="staggered, sweep, naive: tokens per job")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="pause between publishes (beyond each confirm)")
+    ap.add_argument("--sweep-adapters", default="0,1,2,4,8,16,32",
+                    help="sweep: distinct adapters per burst, each <= --jobs (0: the base model)")
+    ap.add_argument("--rotation-sets", default="1,10,100,1000")
+    ap.add_argument("--rotation-jobs", type=int, default=20, help="jobs per set and system, one at a time")
+    ap.add_argument("--rotation-rank", type=int, default=8)
+    ap.add_argument("--rotation-new-tokens", type=int, default=10)
+    ap.add_argument("--overhead-jobs", type=int, default=64, help="overhead: jobs per burst")
+    ap.add_argument("--overhead-serial-jobs", type=int, default=16, help="overhead: jobs one at a time per path")
+    ap.add_argument("--overhead-new-tokens", type=int, default=16)
+    ap.add_argument("--overhead-adapters", type=int, default=8, help="overhead: distinct adapters (+ base)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
-    ap.add_argument("--adapter-slots", type=int, default=32, help="device slots (at least --adapters)")
+    ap.add_argument("--adapter-slots", type=int, default=32, help="device slots (at least the adapters of a burst)")
+    ap.add_argument("--worker-args", default="", help="more `loraq worker` flags, one string")
     ap.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     ap.add_argument("--json", dest="json_out", metavar="FILE",
-                    help="also write the numbers as JSON to FILE ('-': stdout)")
+                    help="also write every number as JSON to FILE")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the sweep and rotation (pip install 'loraq[plot]')")
     ap.add_argument("--echo-queue", help=argparse.SUPPRESS)  # internal: the BrokerFloor responder
     args = ap.parse_args(argv)
+    args.scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
+    args.sweep_adapters = sorted({int(k) for k in args.sweep_adapters.split(",")})
+    args.rotation_sets = sorted({int(n) for n in args.rotation_sets.split(",")})
+    if not args.scenarios:
+        ap.error(f"--scenarios: some of {', '.join(SCENARIOS)}")
+    if not all(0 <= k <= args.jobs for k in args.sweep_adapters):
+        ap.error("--sweep-adapters: each between 0 and --jobs")
+    if min(args.rotation_sets) < 1:
+        ap.error("--rotation-sets: each at least 1")
+    if args.plot and not {"sweep", "rotation"} <= set(args.scenarios):
+        ap.error("--plot draws the sweep and rotation scenarios: include both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.echo_queue:
         asyncio.run(echo_responder(args.amqp_url, args.echo_queue))
         return 0
-    targets = parse_targets(args.targets)
+    scenarios: list[str] = args.scenarios
+    if args.plot:
+        plot.require_matplotlib()  # now, not after the run
 
-    from engine.engine import Engine  # not at the top: the echo responder above runs without torch
-
-    configure_logging("warning")  # the in-process engine's per-request events would drown the table
+    say(f"reading the config and tokenizer of {args.model} ...")
+    spec, tokenizer = model_spec(args.model), model_tokenizer(args.model)
+    count = max(args.jobs, args.overhead_jobs, args.rotation_jobs)
+    prompts = [tokenizer.decode(ids) for ids in make_prompts(tokenizer, count, args.prompt_tokens)]
     root = Path(tempfile.mkdtemp(prefix="loraq-bench-e2e-"))
-    log_path = Path(tempfile.mkstemp(prefix="loraq-bench-e2e-worker-", suffix=".log")[1])
-    topology = Topology.prefixed(f"loraq-bench-{uuid.uuid4().hex[:8]}")
-    flags = worker_flags(args, topology, root / "adapters")
-    settings = WorkerSettings.from_args(flags, env={})
-    (root / "adapters").mkdir()
-    worker = WorkerProcess(flags, log_path, free_port())
-    engine = None
+    logs = Path(tempfile.mkdtemp(prefix="loraq-bench-e2e-logs-"))
+    adapters = [f"distinct/a{i:03d}" for i in range(max(args.jobs, args.overhead_adapters))]
+    sets = ({n: [f"rotation/s{n}/a{i:04d}" for i in range(n)] for n in args.rotation_sets}
+            if "rotation" in scenarios else {})
+    topology = Topology.prefixed(f"loraq-bench-e2e-{uuid.uuid4().hex[:8]}")
+    flags = worker_flags(args, topology, root)
+    targets = {LORAQ: Target(LORAQ, topology.exchange, topology.routing_key)}
+    workers = {LORAQ: WorkerProcess(flags, logs / "loraq-worker.log", free_port())}
+    for name, mode, needed_by in ((PEFT_BATCH, ["--batch"], {"sweep", "naive"}),
+                                  (PEFT_SERIAL, [], {"rotation", "naive"})):
+        if needed_by & set(scenarios):
+            targets[name] = Target(name, "", f"loraq-bench-{name}-{uuid.uuid4().hex[:8]}")
+            workers[name] = WorkerProcess(
+                ["--queue", targets[name].routing_key, "--adapter-root", str(root), "--model", args.model,
+                 "--amqp-url", args.amqp_url, "--max-batch", str(args.max_batch), *mode],
+                logs / f"{name}-worker.log", free_port(), command=(sys.executable, "-m", "benchmarks.naive_worker"))
     ok = False
     try:
-        # The worker loads its model while this process loads its own.
-        print(f"starting the worker (log {worker.log_path}) and loading the in-process engine ...",
-              file=sys.stderr, flush=True)
-        worker.start()
-        engine = Engine(settings.engine_config())
-        spec = engine.spec
-        names = [f"bench/a{i:02d}" for i in range(args.adapters)]
-        write_random_adapters(root / "adapters", names, spec, args.rank, targets)
-        tok = engine.tokenizer
-        texts = [tok.decode(ids) for ids in make_prompts(tok, args.jobs, args.prompt_tokens)]
-        mix = [None, *names]
-        burst = [(texts[i], mix[i % len(mix)]) for i in range(args.jobs)]
-        serial = [burst[i % len(burst)] for i in range(args.serial_jobs)]
-        warmup = [(texts[0], name) for name in mix]  # every adapter's load, off the clock
-
-        ready_s = asyncio.run(worker.wait_healthy(START_TIMEOUT_S))
-        print(f"worker healthy after {ready_s:.1f} s", file=sys.stderr, flush=True)
-        print("measuring both paths, interleaved ...", file=sys.stderr, flush=True)
-        runs, floor = asyncio.run(measure(engine, args.amqp_url, topology, warmup, burst, serial,
-                                          args.new_tokens, args.repeats))
-        device = str(engine.model.device)
+        for w in workers.values():  # they load their models while the adapters are written
+            w.start()
+        say(f"workers {', '.join(workers)} started, logs in {logs}; loraq worker flags: {shlex.join(flags)}")
+        write_adapters(root, adapters, spec, args.rank, parse_targets(args.targets),
+                       f"{len(adapters)} rank-{args.rank} adapters")
+        for n, names in sets.items():
+            write_adapters(root, names, spec, args.rotation_rank, parse_targets(args.targets),
+                           f"rotation set of {n} rank-{args.rotation_rank} adapters")
+        for name, w in workers.items():
+            asyncio.run(w.wait_healthy(START_TIMEOUT_S, every(10.0, f"the {name} worker")))
+        say(f"workers ready; measuring {', '.join(scenarios)} ...")
+        results: dict[str, Any] = {}
+        if "overhead" in scenarios:
+            results["overhead"] = run_overhead(args, flags, topology, prompts, adapters)
+        results |= asyncio.run(measure_user_path(args, scenarios, targets, prompts, adapters, sets))
         ok = True
     finally:
-        if engine is not None:
-            engine.shutdown()
-        code = worker.stop()
+        codes = {name: w.stop() for name, w in workers.items()}
         asyncio.run(delete_topology(args.amqp_url, topology))
+        asyncio.run(delete_queues(args.amqp_url, [t.routing_key for name, t in targets.items() if name != LORAQ]))
         shutil.rmtree(root, ignore_errors=True)
-        if not ok or code not in (0, -signal.SIGTERM):
-            print(f"worker exited with code {code}; its log ({worker.log_path}) ends:\n"
-                  f"{worker.log_tail()}", file=sys.stderr)
+        for name, code in codes.items():
+            if not ok or code not in (0, -signal.SIGTERM):
+                w = workers[name]
+                print(f"the {name} worker exited with code {code}; its log ({w.log_path}) ends:\n{w.log_tail()}",
+                      file=sys.stderr)
 
-    table, numbers = report(args, device, runs, floor)
-    # with --json -: stdout is the JSON alone, the table goes to stderr
-    print(f"\n{table}", file=sys.stderr if args.json_out == "-" else sys.stdout)
-    if args.json_out == "-":
-        print(json.dumps(numbers, indent=2))
-    elif args.json_out:
+    text, numbers = report(args, scenarios, spec.base_model_name, results)
+    print(f"\n{text}")
+    if args.json_out:
         Path(args.json_out).write_text(json.dumps(numbers, indent=2) + "\n")
+    if args.plot:
+        plot.draw(numbers, Path(args.plot))
+        say(f"wrote {args.plot}")
     return 0
+
+
+async def delete_queues(url: str, queues: list[str]) -> None:
+    """Remove the naive workers' queues."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for queue in queues:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A naive PEFT + aio-pika worker, as a user would write one in an afternoon: the baseline that
-benchmarks/user_path.py compares loraq with (issue 12, point 4). Not part of the product.
+`loraq bench e2e` (benchmarks/e2e.py) compares loraq with (issue 12, point 4). Not part of the product.
 
     python -m benchmarks.naive_worker --queue Q --adapter-root DIR [--model embedded] [--batch]
 

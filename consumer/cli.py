@@ -3,7 +3,7 @@
     loraq generate "Hello" --adapter-id demo/pirate [--stream] [--json]
     loraq generate "Spam? Buy now!" --response-format-json schema.json --json
     loraq worker --model embedded --adapter-root ./adapters     # flags: loraq worker --help
-    loraq bench engine|e2e|adapters|user-path|adapter-load|gateway|structured ...
+    loraq bench engine|e2e|adapters|adapter-load|gateway|structured ...
     loraq health                                                  # exit 0 when the worker is healthy
     loraq gateway --port 8080                                     # HTTP: LoRAX and OpenAI APIs
     loraq demo                                                    # worker + demo adapters + jobs
@@ -36,18 +36,16 @@ DELEGATES = {  # subcommand -> "module:function" that runs it with the remaining
     "bench adapters": "benchmarks.adapters:main",
     "bench gateway": "benchmarks.gateway:main",
     "bench structured": "benchmarks.structured:main",
-    "bench user-path": "benchmarks.user_path:main",
     "bench adapter-load": "benchmarks.adapter_load:main",
 }
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository, when run from a checkout
 BENCH_HELP = {
     "engine": "engine throughput: loraq vs transformers vs PEFT, base and many adapters",
-    "e2e": "jobs/s and latency through RabbitMQ against the engine alone",
+    "e2e": "through RabbitMQ as users publish: broker overhead against the engine alone, staggered "
+           "arrivals, tokens/s against adapters per batch, cold rotation, a naive PEFT worker; --plot",
     "adapters": "latency at 1/100/1000 adapters in rotation, loraq vs PEFT; cold loads and prefetch",
     "gateway": "latency and jobs/s through the HTTP gateway against publishing to the broker",
     "structured": "step time with and without grammar-constrained rows (response_format); validity",
-    "user-path": "through the broker, jobs published one by one: staggered arrivals, cold adapters in "
-                 "rotation, a naive PEFT worker",
     "adapter-load": "MB/s of an adapter load into its slot against a plain read of its files",
 }
 CONTENT_TYPES = {"msgpack": "application/msgpack", "json": "application/json"}

@@ -1,7 +1,7 @@
 """The benchmarks' plumbing, without running a benchmark: shared helpers (percentiles, prompts,
 random adapters written off the calling thread and accepted by the engine), the e2e bench's worker
-flags, report and broker floor, the adapter rotation, and `loraq bench` with and without a
-checkout."""
+flags, overhead report and broker floor, the adapter rotation, and `loraq bench` (its mapping, with
+and without a checkout)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common
+from benchmarks import common, e2e
 from benchmarks.adapters import rotation
-from benchmarks.e2e import Run, report, worker_flags
+from benchmarks.e2e import Run, report_overhead, worker_flags
 from consumer import cli
 from consumer.protocol import Topology
 from consumer.settings import WorkerSettings
@@ -72,7 +72,8 @@ def test_rotation_never_repeats_an_adapter_back_to_back() -> None:
 
 def _e2e_args(**overrides) -> argparse.Namespace:
     values = dict(amqp_url="amqp://u:p@h:5672/", model="some/model", device="cpu", dtype="float32",
-                  max_batch=16, jobs=64, batch_window_ms=2.5, rank=8, adapters=40, adapter_slots=32)
+                  max_batch=16, jobs=32, overhead_jobs=48, batch_window_ms=2.5, rank=8, rotation_rank=12,
+                  overhead_adapters=40, adapter_slots=32, worker_args="--result-cache-size 7")
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -83,9 +84,9 @@ def test_e2e_worker_flags_build_the_in_process_engine_alike(tmp_path: Path) -> N
     assert settings.topology == topology
     config = settings.engine_config()
     assert (config.model, config.device, config.dtype) == ("some/model", "cpu", "float32")
-    assert (config.max_batch, config.max_lora_rank, config.adapter_slots) == (16, 8, 40)
+    assert (config.max_batch, config.max_lora_rank, config.adapter_slots) == (16, 12, 40)
     assert config.adapter_root == str(tmp_path)
-    assert (settings.prefetch, settings.batch_window_ms) == (64, 2.5)
+    assert (settings.prefetch, settings.batch_window_ms, settings.result_cache_size) == (64, 2.5, 7)
 
 
 def test_e2e_report_compares_the_paths() -> None:
@@ -95,14 +96,15 @@ def test_e2e_report_compares_the_paths() -> None:
 
     runs = {(p, load): run(p, load, 0.0 if p == "engine" else 3.0)
             for p in ("engine", "rabbitmq") for load in ("burst", "serial")}
-    args = _e2e_args(jobs=2, adapters=1, rank=4, targets="q_proj", prompt_tokens=70, new_tokens=4,
-                     json_out=None)
-    table, numbers = report(args, "cpu", runs, [2.0, 2.5, 9.0])
+    args = _e2e_args(overhead_jobs=2, overhead_adapters=1, rank=4, overhead_new_tokens=4)
+    lines, numbers = report_overhead(args, "cpu", runs, [2.0, 2.5, 9.0])
     assert numbers["summary"]["serial_p50_overhead_ms"] == 3.0
     assert numbers["summary"]["broker_floor_p50_ms"] == 2.5
-    assert "loraq's own share: +0.5 ms" in table
+    assert "loraq's own share: +0.5 ms" in "\n".join(lines)
     assert numbers["summary"]["identical_texts_burst"] == "1/2"
-    assert "[target < 5 ms: met]" in table and "[target >= 0.95: met]" in table
+    rows = e2e.ratios({"workload": {"jobs": 2}, "overhead": numbers})
+    assert [(r.value, r.met) for r in rows] == [(1.0, True), (3.0, True)]  # throughput ratio >= 0.95; 3 ms < 5 ms
+    assert "+3.0  < 5: met" in rows[1].line()
 
 
 async def test_e2e_broker_floor_echo_round_trips() -> None:
@@ -122,6 +124,18 @@ async def test_e2e_broker_floor_echo_round_trips() -> None:
         channel = await connection.channel()
         with pytest.raises(aio_pika.exceptions.ChannelClosed):
             await channel.declare_queue(floor.queue, passive=True)
+
+
+def test_loraq_bench_maps_each_kind_to_a_benchmark_module() -> None:
+    import importlib.util
+
+    kinds = {name.removeprefix("bench "): target for name, target in cli.DELEGATES.items()
+             if name.startswith("bench ")}
+    assert set(kinds) == set(cli.BENCH_HELP)  # every kind has a help line, and every help line a kind
+    assert kinds["e2e"] == "benchmarks.e2e:main"  # the one user-path run (overhead, sweep, rotation, naive, ...)
+    for target in kinds.values():
+        module, _, function = target.partition(":")
+        assert importlib.util.find_spec(module) is not None and function == "main", target
 
 
 def test_loraq_bench_runs_the_checkout_benchmarks(tmp_path: Path, monkeypatch, capsys) -> None:
