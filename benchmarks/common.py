@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -102,10 +103,13 @@ def write_random_adapter(out_dir: Path, spec: ModelSpec, rank: int, targets: Seq
 
 def write_random_adapters(root: Path, names: Sequence[str], spec: ModelSpec, rank: int,
                           targets: Sequence[str]) -> None:
-    """`write_random_adapter` for each name under `root` (seed: its index), on a thread of its own."""
+    """`write_random_adapter` for each name under `root` (seed: its index), on a thread of its own.
+    The files are then flushed to disk (they stay in the page cache): the kernel's writeback of
+    gigabytes of fresh files would otherwise run during, and slow, the measurement that follows."""
     def write_all() -> None:
         for seed, name in enumerate(names):
             write_random_adapter(root / name, spec, rank, targets, seed)
+        os.sync()
 
     on_own_thread(write_all)
 

@@ -41,6 +41,7 @@ class EngineSettings:
     kv_cache_mb: int = 512
     max_waiting: int = 10_000
     lora_backend: str = "auto"
+    pack_weights: bool = True
     adapter_root: str | None = None
     default_adapter_source: str = "local"
     hub_enabled: bool = False
@@ -195,6 +196,8 @@ HELP = {
     "max_waiting": "engine queue bound; beyond it jobs get `overloaded`",
     "lora_backend": "auto | torch | triton: batched LoRA op (auto: Triton SGMV kernels on CUDA when triton "
                     "is installed, else torch)",
+    "pack_weights": "on CPU in fp32, run the model's GEMMs on oneDNN-packed copies of its weights: faster, "
+                    "for a second copy of them in RAM",
     # adapters
     "adapter_root": "directory of local adapters (ids are paths under it)",
     "default_adapter_source": "local | hub, for jobs that do not say",

@@ -53,6 +53,7 @@ class EngineConfig:
 
     max_waiting: int = 10_000  # engine queue bound: beyond it submit fails with `overloaded`
     lora_backend: str = "auto"  # one of LORA_BACKENDS
+    pack_weights: bool = True  # CPU fp32: GEMMs on oneDNN-packed copies of the weights (faster, 2x weight memory)
 
     def __post_init__(self) -> None:
         if self.lora_backend not in LORA_BACKENDS:

@@ -141,7 +141,8 @@ class Engine:
                         model_max_len=model_len, kv_cache_bytes=config.kv_cache_bytes)
         self.slots = LoraSlots(spec, config.adapter_slots, config.max_lora_rank,
                                self.model.device, self.model.dtype)
-        self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots))
+        self.runner = ModelRunner(self.model, self.kv_cache, build_lora_op(config.lora_backend, self.slots),
+                                  pack_weights=config.pack_weights, batch_hint=config.max_batch)
         self.adapter_store = AdapterStore(config, spec, self.slots,  # starts loader threads: last to fail
                                           on_settled=lambda: self._wake.set())  # loads end: poll again
         self.scheduler = Scheduler(config, self.blocks, self.adapter_store)

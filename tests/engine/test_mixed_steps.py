@@ -138,13 +138,15 @@ def test_prompt_chunks_beside_decode_rows_match_peft(arch, loaded_models, peft_m
 
 # ---- the engine: greedy tokens exact, whatever joins which step ------------------------------------
 
+@pytest.mark.parametrize("pack_weights", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "mistral_sliding"])
-def test_staggered_arrivals_split_and_mixed_match_peft(arch, make_engine, peft_models):
+def test_staggered_arrivals_split_and_mixed_match_peft(arch, pack_weights, make_engine, peft_models):
     """Requests arrive while others decode; with a 12-token budget their prompts are split and
-    packed into the running rows' steps. Every row's greedy tokens equal PEFT's with its adapter."""
+    packed into the running rows' steps. Every row's greedy tokens equal PEFT's with its adapter,
+    with the GEMMs on oneDNN-packed weights (the CPU default) and on the HF weights as they are."""
     root, peft = peft_models(arch)
     engine = make_engine(arch, adapter_root=str(root), adapter_slots=4, max_lora_rank=16, max_batch=8,
-                         max_batched_tokens=12)
+                         max_batched_tokens=12, pack_weights=pack_weights)
     steps = record_steps(engine)
     rows = [(NAMES[0], 7), (None, 4), (NAMES[1], 26), (NAMES[2], 15), (None, 19), (NAMES[0], 10)]
     requests = [GenerationRequest(id=f"r{i}", prompt_token_ids=prompt_ids(n, 60 + i), adapter=AdapterRef(a) if a
