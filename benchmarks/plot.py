@@ -38,7 +38,6 @@ def draw(numbers: dict[str, Any], out: Path) -> None:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
     sweep = numbers["sweep"]
@@ -48,10 +47,7 @@ def draw(numbers: dict[str, Any], out: Path) -> None:
         if "0" in by_k:
             left.axhline(by_k["0"], linestyle="--", color=COLORS.get(name), alpha=0.6,
                          label=f"{LABELS.get(name, name)}, base model only")
-    left.set_xscale("log", base=2)
-    left.set_xticks(ks, [str(k) for k in ks])
-    left.xaxis.set_minor_locator(NullLocator())
-    left.set_ylim(bottom=0)
+    _log_x(left, ks, base=2)
     left.set(xlabel="distinct adapters among the jobs of a burst", ylabel="tokens/s (higher is better)",
              title=f"{sweep['jobs']} jobs × {sweep['new_tokens']} new tokens, published one by one\n"
                    f"{sweep['adapters']}")
@@ -62,10 +58,7 @@ def draw(numbers: dict[str, Any], out: Path) -> None:
         for stat, style in (("p50", "-"), ("p99", "--")):
             right.plot(sets, [system["sets"][str(n)][f"{stat}_ms"] for n in sets], marker="o", linestyle=style,
                        color=COLORS.get(name), label=f"{LABELS.get(name, name)}, {stat}")
-    right.set_xscale("log")
-    right.set_xticks(sets, [str(n) for n in sets])
-    right.xaxis.set_minor_locator(NullLocator())
-    right.set_ylim(bottom=0)
+    _log_x(right, sets, base=10)
     right.set(xlabel="adapters in rotation (cold: never loaded before)", ylabel="latency per job, ms (lower is better)",
               title=f"one job at a time, {rotation['new_tokens']} new tokens, {rotation['jobs']} jobs per set\n"
                     f"{rotation['adapters']}")
@@ -75,6 +68,16 @@ def draw(numbers: dict[str, Any], out: Path) -> None:
     fig.suptitle(f"loraq bench e2e: {numbers['model']}, {numbers['cores']} CPU cores, {numbers['date']}")
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _log_x(ax: Any, values: list[int], base: int) -> None:
+    """A log-scale x axis ticked at exactly `values`, and a y axis from 0."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(values, [str(v) for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(bottom=0)
 
 
 def main(argv: list[str] | None = None) -> int:
