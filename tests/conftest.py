@@ -4,6 +4,7 @@ a throwaway broker topology and a plain aio-pika app on it. Helpers live in test
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,18 @@ async def app(topology):
     a = await App(topology).open()
     yield a
     await a.close()
+
+
+@pytest.fixture
+def restore_logging():
+    """For a test whose code calls consumer.logging.configure_logging: structlog and the root
+    logger go back to their defaults after it, so later tests never write to a stream it bound
+    (pytest's capture of that test, closed by then)."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture(scope="session")

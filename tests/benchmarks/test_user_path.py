@@ -15,7 +15,8 @@ from benchmarks.user_path import LORAQ, PEFT_BATCH, PEFT_SERIAL
 
 
 @pytest.mark.slow
-def test_e2e_runs_every_scenario_through_the_broker(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+def test_e2e_runs_every_scenario_through_the_broker(tiny_llama: Path, tmp_path: Path, capsys,
+                                                   restore_logging) -> None:
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "numbers.json", tmp_path / "picture.png"
     jobs, rotation_jobs = 3, 3

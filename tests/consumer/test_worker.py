@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import io
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import structlog
 
 from consumer import protocol
 from consumer.logging import configure_logging
@@ -370,7 +368,7 @@ async def test_deadline_passing_mid_generation_stops_the_row(make_worker, app):
     assert engine.stats()["running"] == 0
 
 
-async def test_api_token_never_leaves_the_worker(make_worker, app, topology):
+async def test_api_token_never_leaves_the_worker(make_worker, app, topology, restore_logging):
     """Not in logs, metrics, the result cache, error replies nor dead letters: an engine error
     that quotes the token is scrubbed, and the dead-letter copy is re-encoded without it (in its
     own content type); a body that cannot be decoded has no readable token and is kept as is."""
@@ -379,23 +377,19 @@ async def test_api_token_never_leaves_the_worker(make_worker, app, topology):
                                                      f"401 Unauthorized for token {token}")})
     buffer = io.StringIO()
     configure_logging("debug", buffer)
-    try:
-        worker = await make_worker(engine)
-        params = {"adapter_id": "private", "adapter_source": "local", "api_token": token}
-        jobs = [await app.publish(ct, inputs="hi", parameters=params) for ct in (MSGPACK, JSON)]
-        too_big = {**params, "max_new_tokens": 10**6}
-        jobs.append(await app.publish_raw(msgpack.packb({"inputs": "x", "parameters": too_big}), MSGPACK))
-        jobs.append(await app.publish_raw(json.dumps({"inputs": "x", "parameters": too_big}).encode(), JSON))
-        garbled = b"\xc1" + token.encode()
-        jobs.append(await app.publish_raw(garbled, MSGPACK))
-        ok = await app.publish(inputs="fine", parameters={"api_token": token})
-        for cid in [*jobs, ok]:
-            await app.wait(cid)
-        dead = {m.correlation_id: m for m in await app.dead(len(jobs))}
-        metrics = worker.metrics.render().decode()
-    finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
+    worker = await make_worker(engine)
+    params = {"adapter_id": "private", "adapter_source": "local", "api_token": token}
+    jobs = [await app.publish(ct, inputs="hi", parameters=params) for ct in (MSGPACK, JSON)]
+    too_big = {**params, "max_new_tokens": 10**6}
+    jobs.append(await app.publish_raw(msgpack.packb({"inputs": "x", "parameters": too_big}), MSGPACK))
+    jobs.append(await app.publish_raw(json.dumps({"inputs": "x", "parameters": too_big}).encode(), JSON))
+    garbled = b"\xc1" + token.encode()
+    jobs.append(await app.publish_raw(garbled, MSGPACK))
+    ok = await app.publish(inputs="fine", parameters={"api_token": token})
+    for cid in [*jobs, ok]:
+        await app.wait(cid)
+    dead = {m.correlation_id: m for m in await app.dead(len(jobs))}
+    metrics = worker.metrics.render().decode()
     assert app.final(ok)[0] == "result"
     for cid in jobs[:4]:
         kind, body = app.final(cid)
