@@ -11,7 +11,7 @@ import uuid
 import aio_pika
 import pytest
 
-from tests.cluster import RabbitCluster
+from tests.cluster import ClusterError, RabbitCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -20,10 +20,14 @@ ELECTION_TIMEOUT_S = 60.0
 
 
 async def wait_for_leader(cluster: RabbitCluster, queue: str, not_on: str) -> str:
-    """The queue's leader once it is on a node other than `not_on` (a new one is elected)."""
+    """The queue's leader once it is on a node other than `not_on` (a new one is elected). While
+    the election runs, a node may not list the queue at all: that is "not yet" too."""
     deadline = time.monotonic() + ELECTION_TIMEOUT_S
     while True:
-        leader = await asyncio.to_thread(cluster.leader_of, queue)
+        try:
+            leader = await asyncio.to_thread(cluster.leader_of, queue)
+        except ClusterError:
+            leader = not_on
         if leader != not_on:
             return leader
         assert time.monotonic() < deadline, f"{queue}: no leader other than {not_on} after {ELECTION_TIMEOUT_S} s"
