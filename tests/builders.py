@@ -223,6 +223,20 @@ def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict
     return outcomes
 
 
+def peft_per_arch(model_dirs: dict, tmp_path_factory, adapters: dict, seed: int, prefix: str):
+    """For a module-scoped fixture: get(arch) -> (adapter root, PeftModel with every adapter of
+    `adapters` loaded, on its own copy of the base), built on first use and kept."""
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"{prefix}_{arch}")
+            cache[arch] = (root, peft_with_adapters(model_dirs[arch], root, adapters, seed=seed))
+        return cache[arch]
+
+    return get
+
+
 def peft_with_adapters(model_dir: Path, root: Path, adapters: dict[str, dict], seed: int, scale: float = 0.15):
     """The reference the engine is checked against: `adapters` (name -> make_adapter kwargs) written
     under `root` (seeds seed, seed + 1, ...), all loaded into one PeftModel on its own fp32 copy of the

@@ -21,7 +21,7 @@ from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
 from engine.request import AdapterRef, Completion, ErrorType, GenerationFailure, GenerationRequest, SamplingParams
 from engine.sequence import Sequence
-from tests.builders import ARCHS, peft_logits, peft_with_adapters, run_requests
+from tests.builders import ARCHS, peft_logits, peft_per_arch, run_requests
 
 PROMPT_LENGTHS = (3, 17, 40, 9, 26)
 
@@ -472,15 +472,7 @@ ADAPTERS = {  # name -> make_adapter kwargs: ranks 1..32, alpha, rslora, pattern
 @pytest.fixture(scope="module")
 def peft_setup(tiny_model_dirs, tmp_path_factory):
     """arch -> (adapter root, PeftModel with every adapter loaded, on its own copy of the base)."""
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            root = tmp_path_factory.mktemp(f"adapters_{arch}")
-            cache[arch] = (root, peft_with_adapters(tiny_model_dirs[arch], root, ADAPTERS, seed=10))
-        return cache[arch]
-
-    return get
+    return peft_per_arch(tiny_model_dirs, tmp_path_factory, ADAPTERS, seed=10, prefix="adapters")
 
 
 def _peft_greedy(peft, adapter: str | None, ids: list[int], new: int) -> list[int]:

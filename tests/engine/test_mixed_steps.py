@@ -15,7 +15,7 @@ from engine.kv_cache import BlockManager, KVCache
 from engine.model_runner import ModelRunner
 from engine.request import AdapterRef, Completion, GenerationRequest, SamplingParams
 from engine.sequence import Sequence
-from tests.builders import peft_logits, peft_with_adapters, run_requests
+from tests.builders import peft_logits, peft_per_arch, run_requests
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = {  # name -> make_adapter kwargs
@@ -39,15 +39,7 @@ def result(outcome) -> Completion:
 @pytest.fixture(scope="module")
 def peft_models(tiny_model_dirs, tmp_path_factory):
     """arch -> (adapter root, PeftModel with every adapter of ADAPTERS loaded, on its own base copy)."""
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            root = tmp_path_factory.mktemp(f"mixed_{arch}")
-            cache[arch] = (root, peft_with_adapters(tiny_model_dirs[arch], root, ADAPTERS, seed=50))
-        return cache[arch]
-
-    return get
+    return peft_per_arch(tiny_model_dirs, tmp_path_factory, ADAPTERS, seed=50, prefix="mixed")
 
 
 def reference_greedy(peft, adapter: str | None, ids: list[int], new: int) -> list[int]:
