@@ -1,20 +1,26 @@
 """Small builders for tests: tiny random base models (Llama, Mistral, Qwen2) saved as HF dirs with
 a byte-level tokenizer and a chat template, PEFT LoRA adapters trained by nobody (random B, so
-every adapter changes the output), stand-ins of the hub's cache and of the hub itself, and a
-helper that runs requests through an engine. Nothing is downloaded. (Engines for tests: the
-`make_engine` fixture, tests/engine/conftest.py.)"""
+every adapter changes the output), stand-ins of the hub's cache and of the hub itself, a helper
+that runs requests through an engine, and an engine with adapters and a running worker for the
+system tests. Nothing is downloaded. (Engines for the engine tests: the `make_engine` fixture,
+tests/engine/conftest.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from engine.config import LORA_MODULE_PARENT, LORA_MODULES
+from consumer.settings import WorkerSettings
+from consumer.worker import Worker
+from engine.config import LORA_MODULE_PARENT, LORA_MODULES, EngineConfig
+from engine.engine import Engine
 from engine.model_loader import ModelSpec
 
 ARCHS = ("llama", "mistral", "qwen2")
@@ -141,7 +147,7 @@ def _peft_made_adapter(model_dir: Path, out_dir: Path, *, r: int, alpha: float, 
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -221,6 +227,33 @@ def run_requests(engine, requests, timeout: float = 60.0, on_token=None) -> dict
         engine.submit(request, on_token, finish)
     assert done.wait(timeout), f"only {len(outcomes)}/{len(requests)} requests finished"
     return outcomes
+
+
+@contextmanager
+def engine_with_adapters(root: Path, adapters: dict[str, dict], seed: int = 1, **config) -> Iterator[Engine]:
+    """An Engine (cpu, fp32, `config` on top) on a tiny random Llama written to root/model, with
+    `adapters` (id -> make_adapter kwargs, seeds seed, seed + 1, ...) under root/adapters; shut
+    down on exit."""
+    model = make_tiny_model(root / "model")
+    for i, (adapter_id, kw) in enumerate(adapters.items()):
+        make_adapter(model, root / "adapters" / adapter_id, seed=seed + i, **kw)
+    engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"), device="cpu",
+                                 dtype="float32", **config))
+    try:
+        yield engine
+    finally:
+        engine.shutdown(5)
+
+
+@asynccontextmanager
+async def running_worker(settings: WorkerSettings, engine: Engine) -> AsyncIterator[Worker]:
+    """A Worker on `engine`, started; drained on exit."""
+    worker = Worker(settings, engine)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.drain()
 
 
 def peft_per_arch(model_dirs: dict, tmp_path_factory, adapters: dict, seed: int, prefix: str):

@@ -7,10 +7,12 @@
     GET  /v1/models/{model}
 
 `model` names an adapter id, or the base model (its --model name, or ""). Each request is a v1 job
-(or n of them): max_tokens / max_completion_tokens -> max_new_tokens; OpenAI samples by default
-(temperature 1) and temperature 0 is greedy, as on the wire; top_p, seed, stop (a string or a
-list), presence_penalty and frequency_penalty (the same [-2, 2] and meaning as LoRAX's) pass as
-they are; LoRAX's extras top_k, repetition_penalty, ignore_eos_token, adapter_source, api_token too.
+(or n of them): max_tokens / max_completion_tokens -> max_new_tokens; neither set (and no
+--default-max-new-tokens) -> the wire's `fill_context`: up to the model's context within the
+worker's --max-new-tokens, as OpenAI and vLLM. OpenAI samples by default (temperature 1) and
+temperature 0 is greedy, as on the wire; top_p, seed, stop (a string or a list), presence_penalty
+and frequency_penalty (the same [-2, 2] and meaning as LoRAX's) pass as they are; LoRAX's extras
+top_k, repetition_penalty, ignore_eos_token, adapter_source, api_token too.
 
 - response_format: {"type": "json_object"} (any JSON object: LoRAX's default schema) and
   {"type": "json_schema", "json_schema": {"schema": ...}} are the wire's own `response_format`
@@ -231,9 +233,14 @@ class OpenAIRoutes:
     def _parameters(self, data: dict[str, Any]) -> dict[str, Any]:
         """Sampling and limits, as wire parameters (wire.job_parameters drops the unset ones)."""
         stop = data.get("stop")
-        max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+        max_tokens = data.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = data.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = self.settings.default_max_new_tokens
         return {
-            "max_new_tokens": max_tokens if max_tokens is not None else self.settings.default_max_new_tokens,
+            "max_new_tokens": max_tokens,
+            "fill_context": True if max_tokens is None else None,  # unset: to the context's end, as vLLM
             "do_sample": True,  # OpenAI samples by default (temperature 1); temperature 0 is greedy
             "temperature": data.get("temperature"),
             "top_p": data.get("top_p"), "top_k": data.get("top_k"), "seed": data.get("seed"),

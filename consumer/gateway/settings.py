@@ -36,8 +36,8 @@ class GatewaySettings:
                "request that ends early (client gone) cancels its job")
     default_max_new_tokens: int | None = _opt(
         None, "max_new_tokens of requests that set none (LoRAX max_new_tokens, OpenAI max_tokens); "
-              "default: the wire's (LoRAX requests: the worker's --max-new-tokens, up to the "
-              "model's context, as LoRAX; OpenAI requests: v1's 64)")
+              "default: as many as the worker's --max-new-tokens and the model's context allow, as "
+              "LoRAX, OpenAI and vLLM do (OpenAI requests publish v1's fill_context)")
     stream_linger_ms: float = _opt(
         10.0, "LoRAX streams: how long a token waits for the job's final reply, so that the last "
              "token event carries generated_text and details as TGI's does (0: never wait)")

@@ -7,7 +7,8 @@ here first (`protocol.parse_body`), so a malformed request fails before it is pu
 
 Two dialects: LoRAX requests become LoRAX-dialect jobs (no `v`: the worker applies LoRAX's
 defaults and sampling rule, so the gateway does not re-implement them), OpenAI requests v1 jobs
-(explicit `do_sample`, since OpenAI samples by default).
+(explicit `do_sample`, since OpenAI samples by default; `fill_context` when max_tokens is unset, so
+the worker applies its limit and the context's end as it does for LoRAX's default).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "return_k_alternatives": ("return_k_alternatives", int), "ignore_eos_token": ("ignore_eos", bool),
 }
 _WIRE_NAMES = {attr: name for name, (attr, _) in SAMPLING_FIELDS.items()}
-PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", "merged_adapters", *SAMPLING_FIELDS, "return_full_text",
-                   "truncate", "watermark", "apply_chat_template", "response_format")
+PARAMETER_NAMES = ("adapter_id", "adapter_source", "api_token", "merged_adapters", *SAMPLING_FIELDS, "fill_context",
+                   "return_full_text", "truncate", "watermark", "apply_chat_template", "response_format")
 
 
 class GenerateParameters(TypedDict, total=False):
@@ -62,6 +62,7 @@ class GenerateParameters(TypedDict, total=False):
     decoder_input_details: bool | None
     return_k_alternatives: int | None
     ignore_eos_token: bool | None
+    fill_context: bool | None
     return_full_text: bool | None
     truncate: int | None
     watermark: bool | None
@@ -218,7 +219,8 @@ def response_format_to_wire(response_format: ResponseFormat) -> dict[str, Any]:
 def parse_parameters(raw: Any, limits: Limits, *, lorax: bool = False) -> Parameters:
     """Wire types and size limits are checked here, sampling values by SamplingParams. `lorax`: the
     body had no `v`, so LoRAX's sampling rule and its max_new_tokens default (as many as the
-    context allows: the worker's limit, and the engine stops at the context's end) apply."""
+    context allows: the worker's limit, and the engine stops at the context's end) apply; a v1 body
+    asks for that default with `fill_context` (OpenAI's and vLLM's max_tokens unset)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -252,7 +254,8 @@ def parse_parameters(raw: Any, limits: Limits, *, lorax: bool = False) -> Parame
             given[attr] = float(value) if kind == _NUMBER else tuple(value) if kind is list else value
     if given.get("prompt_logprobs"):  # LoRAX answers decoder_input_details with the full details
         given["logprobs"] = True
-    if lorax:
+    fill_context = _opt(raw, "fill_context", bool, False)  # v1's way to ask for LoRAX's default
+    if lorax or fill_context:
         given.setdefault("max_new_tokens", limits.max_new_tokens)
     try:
         sampling = SamplingParams.lorax(**given) if lorax else SamplingParams(**given)

@@ -359,6 +359,29 @@ def test_max_new_tokens_default_per_dialect():
     assert params_of({"max_new_tokens": 5}).sampling.max_new_tokens == 5
 
 
+def test_fill_context_gives_v1_the_lorax_default():
+    """v1 `fill_context` (OpenAI's max_tokens unset): an absent max_new_tokens is the worker's limit,
+    and nothing else of v1 changes (its sampling rule stays)."""
+    small = Limits(max_new_tokens=100)
+    filled = protocol.parse_parameters({"fill_context": True, "top_k": 5}, small)
+    assert filled.sampling.max_new_tokens == 100 and filled.sampling.greedy  # v1: top_k alone is greedy
+    assert params_of({"fill_context": True}, v=1).sampling.max_new_tokens == LIMITS.max_new_tokens
+    assert params_of({"fill_context": False}, v=1).sampling.max_new_tokens == 64
+    assert params_of({"fill_context": None}, v=1).sampling.max_new_tokens == 64
+    assert params_of({"fill_context": True, "max_new_tokens": 7}, v=1).sampling.max_new_tokens == 7
+    assert params_of({"fill_context": False}).sampling.max_new_tokens == LIMITS.max_new_tokens  # LoRAX's anyway
+    e = error_of({"v": 1, "inputs": "x", "parameters": {"fill_context": True, "max_new_tokens": 101}},
+                 limits=small)
+    assert e.message == "parameters.max_new_tokens must be in 1..100"  # the limit still bounds a given one
+    for body in ({"inputs": "x", "parameters": {"fill_context": 1}},
+                 {"v": 1, "inputs": "x", "parameters": {"fill_context": "yes"}}):
+        assert error_of(body).message == "parameters.fill_context must be bool, got " + \
+            type(body["parameters"]["fill_context"]).__name__
+    # what a client publishes carries it as it is
+    assert protocol.job_body(inputs="x", parameters={"fill_context": True}) == \
+        {"v": 1, "inputs": "x", "parameters": {"fill_context": True}}
+
+
 def test_lorax_fields_map_onto_the_request():
     p = params_of({"truncate": 12, "ignore_eos_token": True, "decoder_input_details": True,
                    "return_k_alternatives": 3, "best_of": 2, "do_sample": True, "frequency_penalty": 0.5,

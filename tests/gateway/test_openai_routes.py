@@ -42,6 +42,19 @@ def test_base_model_by_name_or_empty_and_length_finish(client):
         assert r.choices[0].message.content == "<bas" and r.choices[0].finish_reason == "length"
 
 
+def test_without_max_tokens_generation_runs_past_v1s_default(client):
+    """No max_tokens: as OpenAI and vLLM, up to the end (here the fake's end of text, past v1's 64;
+    at most the worker's --max-new-tokens and the context, tests/gateway/test_units.py)."""
+    prompt = "tell me all about ships " * 5
+    text = expected_text(prompt, "pirate", 4096)
+    assert len(text) > 64
+    r = client.chat.completions.create(model="pirate", messages=[{"role": "user", "content": prompt}])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, "stop")
+    assert r.usage.completion_tokens == len(text)
+    chunks = list(client.completions.create(model="pirate", prompt=prompt, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text and chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_chat_stream_with_usage(client):
     stream = client.chat.completions.create(
         model="pirate", messages=[{"role": "user", "content": "ahoy"}], stream=True,

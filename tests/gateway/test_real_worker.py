@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The `dict` me
 BASE = "tiny-llama"
 ADAPTERS = ("tenant-a", "tenant-b")
 NEW_TOKENS = 12
+CONTEXT = 512  # make_tiny_model's max_positions: the worker's context (its --max-new-tokens is 4096)
 PROMPTS = {None: "The quick brown fox", "tenant-a": "Once upon a time", "tenant-b": "Dear support team,"}
 VERDICT = {"type": "object", "additionalProperties": False, "required": ["label", "confidence"],
            "properties": {"label": {"enum": ["spam", "ham"]},
@@ -121,6 +122,19 @@ async def test_async_clients_stream_the_same_text(stack):
     # a job on an adapter the worker cannot find: the worker's own error, mapped
     with pytest.raises(openai.NotFoundError):
         await oai.completions.create(model="no-such-adapter", prompt=prompt, max_tokens=2)
+
+
+def test_openai_without_max_tokens_runs_to_the_context_end(stack):
+    """No max_tokens: as vLLM (max_tokens = context - prompt), not v1's 64 new tokens: the job ends
+    at the model's context with `length` (EOS ignored, so the random weights cannot end it first).
+    A long prompt (one token a byte) leaves ~110 tokens, so the run stays short on a CPU."""
+    gateway, _ = stack
+    oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0, timeout=60)
+    prompt = (PROMPTS["tenant-a"] + " ") * 24
+    r = oai.completions.create(model="tenant-a", prompt=prompt[:400], temperature=0,
+                               extra_body={"ignore_eos_token": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == CONTEXT and r.usage.completion_tokens > 64
 
 
 def test_structured_output_through_both_clients(stack):

@@ -19,6 +19,7 @@ from consumer.gateway.lorax_routes import generate_response
 from consumer.gateway.openai_routes import (
     CHAT,
     COMPLETION,
+    OpenAIRoutes,
     chat_logprob,
     chat_messages,
     choice_parameters,
@@ -92,6 +93,38 @@ def test_lorax_requests_are_lorax_dialect_jobs():
     with pytest.raises(GatewayError, match="best_of") as e:  # types and combinations checked before publishing
         wire.lorax_job_body(inputs="x", parameters={"best_of": 2, "do_sample": True}, stream=True)
     assert e.value.kind == "validation" and e.value.param == "best_of"
+
+
+@pytest.mark.parametrize("kind,request_body", [
+    (CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}]}),
+    (COMPLETION, {"model": "base", "prompt": "hi", "n": 2}),
+])
+def test_openai_requests_without_max_tokens_fill_the_context(kind, request_body):
+    """OpenAI's (and vLLM's) max_tokens unset: as many tokens as the worker allows, up to the
+    context's end (v1 `fill_context`), not v1's 64; max_tokens and --default-max-new-tokens still
+    count. The bodies are what the gateway publishes, read as the worker reads them."""
+    limits = protocol.Limits(max_new_tokens=300)
+
+    def published(settings: GatewaySettings, **fields) -> list[dict]:
+        routes = OpenAIRoutes(None, settings, Catalog("base"))  # type: ignore[arg-type]  # _read needs no tracker
+        return list(routes._read({**request_body, **fields}, kind).bodies)
+
+    def read(body: dict) -> protocol.Parameters:
+        return protocol.parse_body(body, limits)[2]
+
+    for body in published(GatewaySettings()):
+        assert body["v"] == 1 and body["parameters"]["fill_context"] is True
+        assert "max_new_tokens" not in body["parameters"]
+        params = read(body)
+        assert params.sampling.max_new_tokens == limits.max_new_tokens
+        assert params.sampling.do_sample  # still v1's OpenAI sampling, not LoRAX's rule
+    for fields, settings, expected in [({"max_tokens": 5}, GatewaySettings(), 5),
+                                       ({"max_completion_tokens": 6, "max_tokens": None}, GatewaySettings(), 6),
+                                       ({"max_completion_tokens": None, "max_tokens": 7}, GatewaySettings(), 7),
+                                       ({}, GatewaySettings(default_max_new_tokens=8), 8),
+                                       ({"max_tokens": 9}, GatewaySettings(default_max_new_tokens=8), 9)]:
+        for body in published(settings, **fields):
+            assert "fill_context" not in body["parameters"] and read(body).sampling.max_new_tokens == expected
 
 
 def result(text: str, tokens: tuple[protocol.Token, ...] = (), **details) -> protocol.GenerationResult:

@@ -15,33 +15,33 @@ import structlog
 from consumer import protocol
 from consumer.jobs import to_request
 from consumer.protocol import JSON, MSGPACK
-from consumer.worker import Worker
-from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Completion, Outcome
 from tests.amqp_helpers import App, worker_settings
-from tests.builders import make_adapter, make_tiny_model
+from tests.builders import engine_with_adapters, running_worker
 
 pytestmark = pytest.mark.slow
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # (rank, target modules, extra LoraConfig): ranks 2..16, attention / MLP / both, rsLoRA, rank_pattern
-ADAPTERS = {
-    f"tenant-{k:02d}": spec for k, spec in enumerate([
-        (8, ("q_proj", "v_proj"), {}),
-        (4, ATTENTION, {}),
-        (16, MLP, {}),
-        (2, ATTENTION + MLP, {}),
-        (8, ("o_proj", "down_proj"), {}),
-        (16, ("q_proj", "k_proj"), {"use_rslora": True}),
-        (4, ("v_proj", "up_proj"), {}),
-        (8, ATTENTION, {"rank_pattern": {"v_proj": 2}}),
-        (2, ("gate_proj",), {}),
-        (16, ATTENTION + MLP, {}),
-        (4, ("k_proj", "o_proj", "gate_proj"), {}),
-        (8, ("up_proj", "down_proj"), {"alpha_pattern": {"down_proj": 4}}),
-    ])
+SPECS: list[tuple[int, tuple[str, ...], dict]] = [
+    (8, ("q_proj", "v_proj"), {}),
+    (4, ATTENTION, {}),
+    (16, MLP, {}),
+    (2, ATTENTION + MLP, {}),
+    (8, ("o_proj", "down_proj"), {}),
+    (16, ("q_proj", "k_proj"), {"use_rslora": True}),
+    (4, ("v_proj", "up_proj"), {}),
+    (8, ATTENTION, {"rank_pattern": {"v_proj": 2}}),
+    (2, ("gate_proj",), {}),
+    (16, ATTENTION + MLP, {}),
+    (4, ("k_proj", "o_proj", "gate_proj"), {}),
+    (8, ("up_proj", "down_proj"), {"alpha_pattern": {"down_proj": 4}}),
+]
+ADAPTERS = {  # adapter id -> make_adapter kwargs
+    f"tenant-{k:02d}": dict(r=rank, alpha=2 * rank, targets=targets, **extra)
+    for k, (rank, targets, extra) in enumerate(SPECS)
 }
 BURST = 60
 MAX_BATCH = 32
@@ -49,25 +49,16 @@ MAX_BATCH = 32
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    model = make_tiny_model(root / "model")
-    for seed, (adapter_id, (rank, targets, extra)) in enumerate(ADAPTERS.items(), start=1):
-        make_adapter(model, root / "adapters" / adapter_id, r=rank, alpha=2 * rank,
-                     targets=targets, seed=seed, **extra)
-    engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"),
-                                 device="cpu", dtype="float32", max_batch=MAX_BATCH,
-                                 adapter_slots=16))
-    yield engine
-    engine.shutdown(5)
+    with engine_with_adapters(tmp_path_factory.mktemp("e2e"), ADAPTERS, max_batch=MAX_BATCH,
+                              adapter_slots=16) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def worker(engine, topology):
-    w = Worker(worker_settings(topology, max_batch=MAX_BATCH, prefetch=2 * MAX_BATCH,
-                               batch_window_ms=20.0), engine)
-    await w.start()
-    yield w
-    await w.drain()
+    settings = worker_settings(topology, max_batch=MAX_BATCH, prefetch=2 * MAX_BATCH, batch_window_ms=20.0)
+    async with running_worker(settings, engine) as w:
+        yield w
 
 
 def job(i: int) -> dict:

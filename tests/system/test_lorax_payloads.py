@@ -14,12 +14,10 @@ import pytest
 from consumer import protocol
 from consumer.jobs import to_request
 from consumer.protocol import JSON
-from consumer.worker import Worker
-from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Completion, Outcome
 from tests.amqp_helpers import App, worker_settings
-from tests.builders import make_adapter, make_tiny_model
+from tests.builders import engine_with_adapters, running_worker
 
 lorax_types = pytest.importorskip("lorax.types")  # scripts/test.sh installs lorax-client
 
@@ -28,21 +26,15 @@ MAX_NEW_TOKENS = 24  # the worker's --max-new-tokens: what a LoRAX body without 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lorax")
-    model = make_tiny_model(root / "model")
-    make_adapter(model, root / "adapters" / "acme", r=4, targets=("q_proj", "v_proj", "o_proj"), seed=5)
-    engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"), device="cpu",
-                                 dtype="float32"))
-    yield engine
-    engine.shutdown(5)
+    adapters = {"acme": dict(r=4, targets=("q_proj", "v_proj", "o_proj"))}
+    with engine_with_adapters(tmp_path_factory.mktemp("lorax"), adapters, seed=5) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def worker(engine, topology):
-    w = Worker(worker_settings(topology, max_new_tokens=MAX_NEW_TOKENS), engine)
-    await w.start()
-    yield w
-    await w.drain()
+    async with running_worker(worker_settings(topology, max_new_tokens=MAX_NEW_TOKENS), engine) as w:
+        yield w
 
 
 async def ask(app: App, body: dict) -> tuple[str, dict, list]:
@@ -93,9 +85,9 @@ async def test_lorax_defaults_and_sampling_rule(engine, worker, app):
     kind, sampled, _ = await ask(app, lorax_body)
     assert kind == "result" and sampled["details"]["generated_tokens"] == MAX_NEW_TOKENS
     assert sampled["details"]["seed"] == 7
-    v1 = {"v": 1, "inputs": "Once upon a time", "parameters": {"temperature": 1.7, "seed": 7,
-                                                               "ignore_eos_token": True,
-                                                               "max_new_tokens": MAX_NEW_TOKENS}}
+    v1: dict = {"v": 1, "inputs": "Once upon a time", "parameters": {"temperature": 1.7, "seed": 7,
+                                                                     "ignore_eos_token": True,
+                                                                     "max_new_tokens": MAX_NEW_TOKENS}}
     _, greedy, _ = await ask(app, v1)
     v1["parameters"]["do_sample"] = True
     _, explicit, _ = await ask(app, v1)

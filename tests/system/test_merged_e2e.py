@@ -15,12 +15,10 @@ import pytest
 from consumer import protocol
 from consumer.jobs import to_request
 from consumer.protocol import JSON, MSGPACK
-from consumer.worker import Worker
-from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Completion, Outcome
 from tests.amqp_helpers import worker_settings
-from tests.builders import make_adapter, make_tiny_model
+from tests.builders import engine_with_adapters, running_worker
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +32,18 @@ ADAPTERS = {  # name: (rank, alpha, targets)
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merged_e2e")
-    model = make_tiny_model(root / "model")
-    for seed, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items(), start=1):
-        make_adapter(model, root / "adapters" / name, r=rank, alpha=alpha, targets=targets, seed=seed, scale=0.25)
-    engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"), device="cpu",
-                                 dtype="float32", max_batch=8, adapter_slots=8))
-    yield engine
-    engine.shutdown(5)
+    adapters = {name: dict(r=rank, alpha=alpha, targets=targets, scale=0.25)
+                for name, (rank, alpha, targets) in ADAPTERS.items()}
+    with engine_with_adapters(tmp_path_factory.mktemp("merged_e2e"), adapters, max_batch=8,
+                              adapter_slots=8) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def worker(engine, topology):
-    w = Worker(worker_settings(topology, max_batch=8, prefetch=16, batch_window_ms=20.0), engine)
-    await w.start()
-    yield w
-    await w.drain()
+    async with running_worker(worker_settings(topology, max_batch=8, prefetch=16, batch_window_ms=20.0),
+                              engine) as w:
+        yield w
 
 
 def direct(engine: Engine, body: bytes, content_type: str) -> Completion:

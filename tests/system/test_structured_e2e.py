@@ -19,12 +19,10 @@ import pytest
 from consumer import protocol
 from consumer.jobs import to_request
 from consumer.protocol import JSON
-from consumer.worker import Worker
-from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Completion, Outcome
 from tests.amqp_helpers import worker_settings
-from tests.builders import make_adapter, make_tiny_model
+from tests.builders import engine_with_adapters, running_worker
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +40,17 @@ ADAPTERS = (None, "tenant-a", "tenant-b")
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("structured-e2e")
-    model = make_tiny_model(root / "model")
-    make_adapter(model, root / "adapters" / "tenant-a", r=4, seed=1)
-    make_adapter(model, root / "adapters" / "tenant-b", r=8, seed=2, targets=("q_proj", "v_proj", "down_proj"))
-    engine = Engine(EngineConfig(model=str(model), adapter_root=str(root / "adapters"), device="cpu",
-                                 dtype="float32", max_batch=16))
-    yield engine
-    engine.shutdown(5)
+    adapters: dict[str, dict] = {"tenant-a": dict(r=4),
+                                 "tenant-b": dict(r=8, targets=("q_proj", "v_proj", "down_proj"))}
+    with engine_with_adapters(tmp_path_factory.mktemp("structured-e2e"), adapters, max_batch=16) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def worker(engine, topology):
-    w = Worker(worker_settings(topology, max_batch=16, prefetch=32, batch_window_ms=20.0), engine)
-    await w.start()
-    yield w
-    await w.drain()
+    async with running_worker(worker_settings(topology, max_batch=16, prefetch=32, batch_window_ms=20.0),
+                              engine) as w:
+        yield w
 
 
 def constrained_jobs() -> list[tuple[dict, dict | str]]:
