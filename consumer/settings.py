@@ -10,11 +10,11 @@ config (itself torch-free) only when called.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from consumer.flags import Flag, add_flags, read_flags
 from consumer.logging import redact_url
 from consumer.protocol import Limits, Topology
 from consumer.settlement import Backoff
@@ -128,15 +128,7 @@ class WorkerSettings:
     def from_args(cls, argv: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Parse `argv`; unset flags fall back to LORAQ_* variables of `env` (default os.environ)."""
-        env = os.environ if env is None else env
-        args = vars(build_parser().parse_args(argv))
-        values: dict[str, Any] = {}
-        for flag in FLAGS:
-            if args[flag.name] is not None:
-                values[flag.name] = args[flag.name]
-            elif (raw := env.get(flag.env)) is not None:
-                values[flag.name] = flag.convert(raw)
-        return cls.from_flags(**values)
+        return cls.from_flags(**read_flags(build_parser().parse_args(argv), FLAGS, env))
 
     def to_args(self, skip: Collection[str] = ()) -> list[str]:
         """The flags of every value that differs from its default (but those named in `skip`):
@@ -230,46 +222,6 @@ HELP = {
 }
 
 
-@dataclass(frozen=True)
-class Flag:
-    name: str  # the field's name: --name-with-dashes, LORAQ_NAME
-    group: str | None  # the WorkerSettings field of its group; None: a field of WorkerSettings
-    kind: str  # its annotation, e.g. "int | None"
-    default: Any
-    help: str
-
-    @property
-    def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    def value(self, settings: WorkerSettings) -> Any:
-        return getattr(settings if self.group is None else getattr(settings, self.group), self.name)
-
-    def convert(self, raw: str) -> Any:
-        """A command-line or env string as this flag's type."""
-        kind = self.kind.replace(" ", "")
-        try:
-            if kind.startswith("bool"):
-                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError(raw)
-                return raw.strip().lower() in ("1", "true", "yes", "on")
-            if kind.startswith("tuple"):
-                return tuple(x.strip() for x in raw.split(",") if x.strip())
-            if raw == "" and "None" in kind:
-                return None
-            if kind.startswith("int"):
-                return int(raw)
-            if kind.startswith("float"):
-                return float(raw)
-            return raw
-        except ValueError:
-            raise SystemExit(f"{self.env}: cannot read {raw!r} as {self.kind}") from None
-
-
 def _flags() -> tuple[Flag, ...]:
     where: dict[str, tuple[str | None, Field[Any]]] = {}
     for group, cls in (None, WorkerSettings), *GROUPS.items():
@@ -282,8 +234,7 @@ def _flags() -> tuple[Flag, ...]:
     flags = []
     for name, help in HELP.items():
         group, f = where[name]
-        default = f.default if f.default is not MISSING else None
-        flags.append(Flag(name, group, str(f.type), default, help))
+        flags.append(Flag.of(f, ENV_PREFIX + name.upper(), help, group))
     return tuple(flags)
 
 
@@ -296,11 +247,4 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraq worker",
         description="Serve LoRA adapters on one base model from RabbitMQ jobs (wire protocol v1). "
                     f"Every flag has an env twin {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}AMQP_URL).")
-    for flag in FLAGS:
-        help = f"{flag.help} [env {flag.env}, default {flag.default!r}]"
-        if flag.kind.startswith("bool"):
-            parser.add_argument(flag.option, action=argparse.BooleanOptionalAction, default=None,
-                                help=help)
-        else:
-            parser.add_argument(flag.option, default=None, help=help, type=flag.convert)
-    return parser
+    return add_flags(parser, FLAGS)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
-from functools import partial
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from consumer.flags import Flag, add_flags, read_flags
 from consumer.logging import redact_url
 from consumer.protocol import Topology
 
@@ -95,32 +95,12 @@ class GatewaySettings:
     def from_args(cls, argv: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None) -> GatewaySettings:
         """Parse `argv`; unset flags fall back to their env twins in `env` (default os.environ)."""
-        env = os.environ if env is None else env
-        args = vars(build_parser().parse_args(argv))
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if args[f.name] is not None:
-                values[f.name] = args[f.name]
-            elif (raw := env.get(env_name(f.name))) is not None:
-                values[f.name] = _convert(f.type, raw)
-        return cls(**values)
+        return cls(**read_flags(build_parser().parse_args(argv), FLAGS, env))
 
 
-def env_name(name: str) -> str:
-    f = next(f for f in fields(GatewaySettings) if f.name == name)
-    return f.metadata["env"] + name.upper()
-
-
-def _convert(kind: Any, raw: str) -> Any:
-    """A flag's or env variable's text as its field's type (`kind`: the annotation, a string)."""
-    kind = str(kind).replace(" ", "")
-    if raw == "" and "None" in kind:
-        return None
-    if kind.startswith("int"):
-        return int(raw)
-    if kind.startswith("float"):
-        return float(raw)
-    return raw
+# each field's env twin: its metadata's prefix (SHARED or OWN) + its name
+FLAGS = tuple(Flag.of(f, f.metadata["env"] + f.name.upper(), f.metadata["help"])
+              for f in fields(GatewaySettings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,9 +108,4 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraq gateway",
         description="HTTP gateway: LoRAX's REST API and OpenAI's, each request a job on the queue. "
                     f"Bearer tokens: {TOKENS_ENV} (comma-separated) or --tokens-file.")
-    for f in fields(GatewaySettings):
-        default = f.default if f.default is not MISSING else None
-        help = f"{f.metadata['help']} [env {env_name(f.name)}, default {default!r}]"
-        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help,
-                            type=partial(_convert, f.type))
-    return parser
+    return add_flags(parser, FLAGS)

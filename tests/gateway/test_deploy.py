@@ -8,13 +8,12 @@ import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
 from consumer import cli
-from consumer.gateway.settings import TOKENS_ENV, GatewaySettings, env_name
+from consumer.gateway.settings import FLAGS, TOKENS_ENV, GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +29,7 @@ def test_compose_gateway_service():
     assert gateway["build"]["dockerfile"] == "Dockerfile.gateway"
     assert gateway["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     env = {k: interpolate(v) for k, v in gateway["environment"].items()}
-    known = {env_name(f.name) for f in fields(GatewaySettings)} | {TOKENS_ENV}
+    known = {flag.env for flag in FLAGS} | {TOKENS_ENV}
     assert set(env) <= known, f"unknown to the gateway: {sorted(set(env) - known)}"
     settings = GatewaySettings.from_args([], env=env)  # every value parses
     assert settings.load_tokens(env) == frozenset()  # no tokens by default: no auth
