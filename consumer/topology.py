@@ -152,7 +152,10 @@ async def _declare_affinity(channel: AbstractRobustChannel, t: Topology, jobs: A
         ring = await channel.declare_exchange(
             t.affinity_exchange, AFFINITY_EXCHANGE_TYPE, durable=True,
             arguments={"hash-header": HEADER_ADAPTER_ID, "alternate-exchange": t.affinity_fallback})
-    except aiormq.exceptions.ConnectionCommandInvalid as e:  # unknown exchange type
+    except (aiormq.exceptions.ConnectionCommandInvalid,  # unknown exchange type: 3.x closes the connection,
+            aiormq.exceptions.ChannelPreconditionFailed) as e:  # 4.x the channel
+        if isinstance(e, aiormq.exceptions.ChannelPreconditionFailed) and "unknown exchange type" not in str(e):
+            raise  # the ring exists with other arguments: not a missing plugin
         raise AffinityUnavailable(
             "--affinity needs the RabbitMQ plugin rabbitmq_consistent_hash_exchange "
             "(rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)") from e

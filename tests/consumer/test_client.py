@@ -1,4 +1,4 @@
-"""Client, SyncClient and `loraq generate` against the real RabbitMQ at 127.0.0.1:5672.
+"""Client, SyncClient and `loraq generate` against the real RabbitMQ (LORAQ_TEST_AMQP_URL, default 127.0.0.1:5672).
 
 A minimal in-test responder (a plain aio-pika consumer answering per protocol v1) stands in for
 the worker, so these tests need no engine. Every test gets its own topology names.
@@ -38,6 +38,7 @@ from consumer.client import (
     Token,
     UnroutableError,
 )
+from consumer.logging import redact_url
 from consumer.protocol import (
     JSON,
     MSGPACK,
@@ -56,9 +57,9 @@ from consumer.protocol import (
     encode,
 )
 from engine.request import SamplingParams, Timings
-from tests.amqp_helpers import broker_connection_of
+from tests.amqp_helpers import AMQP_URL, broker_connection_of
 
-URL = "amqp://guest:guest@127.0.0.1:5672/"
+URL = AMQP_URL
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -372,7 +373,7 @@ async def test_several_broker_urls(topology, responder):
     for urls in (f"{dead},{URL}", [dead, URL]):
         async with Client(urls, topology=topology, timeout=5.0) as client:
             assert (await client.generate("nodes")).generated_text == "NODES"
-            assert client._connection.current_url == "amqp://guest:***@127.0.0.1:5672/"
+            assert client._connection.current_url == redact_url(URL)
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")

@@ -1,5 +1,5 @@
 """consumer.connection: one robust connection over several broker URLs, against the real broker at
-127.0.0.1:5672 (reached under two names, so "another node" is observable without a cluster;
+LORAQ_TEST_AMQP_URL, default 127.0.0.1:5672 (reached under two names, so "another node" is observable without a cluster;
 tests/system/test_failover.py stops real cluster nodes)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from aio_pika.robust_connection import RobustConnection
 
 from consumer.connection import FailoverConnection, connect, split_urls
 from consumer.logging import redact_url
-from tests.amqp_helpers import wait_for
+from tests.amqp_helpers import AMQP_URL, wait_for
 
-A = "amqp://guest:guest@127.0.0.1:5672/"
-B = "amqp://guest:guest@localhost:5672/"
+A = AMQP_URL
+B = A.replace("127.0.0.1", "localhost")  # the same broker under another name
 DOWN = "amqp://guest:guest@127.0.0.1:1/"
 
 
@@ -32,7 +32,8 @@ def test_split_and_redact() -> None:
     assert split_urls([A, " ", B]) == [A, B]
     with pytest.raises(ValueError):
         split_urls(" , ")
-    assert redact_url(f"{A},amqp://u:p%40ss@h2/") == "amqp://guest:***@127.0.0.1:5672/,amqp://u:***@h2/"
+    assert redact_url("amqp://guest:guest@127.0.0.1:5672/,amqp://u:p%40ss@h2/") == \
+        "amqp://guest:***@127.0.0.1:5672/,amqp://u:***@h2/"
 
 
 async def test_a_node_that_does_not_answer_is_skipped() -> None:
