@@ -234,7 +234,28 @@ def test_policy_service(compose):
     assert re.fullmatch(pattern, WorkerSettings().topology.dead_queue)
     assert not re.fullmatch(pattern, WorkerSettings().topology.queue)
     assert json.loads(definition) == {"max-length": 100000, "overflow": "drop-head",
-                                      "message-ttl": 7 * 24 * 3600 * 1000}
+                                      "message-ttl": 7 * 24 * 3600 * 1000, "delivery-limit": -1}
+
+
+async def broker_major() -> int:
+    """The major version of the broker the tests run against (LORAQ_TEST_AMQP_URL)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        return int(connection.transport.connection.server_properties["version"].split(".")[0])
+
+
+def compose_policy(compose, major: int) -> tuple[str, dict]:
+    """(pattern, definition) of the compose policy as it applies to a broker of `major`: on 3.x
+    without delivery-limit, whose -1 (no limit) only 4.x knows (3.x has no default limit)."""
+    _, pattern, definition = policy_command(compose)[6:]
+    values = json.loads(definition)
+    if major < 4:
+        del values["delivery-limit"]
+    return pattern, values
+
+
+def ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
@@ -246,16 +267,11 @@ async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
     from consumer.worker import Worker
 
     topology = unique_topology()
-    _, pattern, definition = policy_command(compose)[6:]
-    bounded = {**json.loads(definition), "max-length": 3}
+    bounded = {**compose_policy(compose, await broker_major())[1], "max-length": 3}
     name = f"test-dead-{uuid.uuid4().hex[:8]}"
     engine = FakeEngine()
     worker = Worker(worker_settings(topology), engine)
     await worker.start()
-
-    def ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
     try:
         await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
                                 f"^{re.escape(topology.dead_queue)}$", json.dumps(bounded))
@@ -274,6 +290,45 @@ async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
         again = Worker(worker_settings(topology), engine)
         await again.start()  # declares the same queue again: the policy changed no argument
         await again.drain()
+    finally:
+        await asyncio.to_thread(ctl, "clear_policy", name)
+        engine.shutdown(2)
+        await delete_topology(topology)
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
+async def test_on_4x_the_policy_keeps_a_dead_letter_however_often_it_is_returned(compose):
+    """RabbitMQ 4.x drops a quorum queue's message after 20 returns (its default delivery limit):
+    under the compose policy a dead letter a reader took and returned 25 times is still there.
+    Runs on a 4.x broker (scripts/rabbitmq4.sh); 3.x has no default limit."""
+    from consumer.worker import Worker
+
+    major = await broker_major()
+    if major < 4:
+        pytest.skip(f"RabbitMQ {major}.x has no default delivery limit")
+    topology = unique_topology()
+    name = f"test-dead-{uuid.uuid4().hex[:8]}"
+    engine = FakeEngine()
+    worker = Worker(worker_settings(topology), engine)
+    await worker.start()
+    await worker.drain()
+    try:
+        await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
+                                f"^{re.escape(topology.dead_queue)}$", json.dumps(compose_policy(compose, major)[1]))
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dlx = await channel.get_exchange(topology.dlx, ensure=False)
+            await dlx.publish(aio_pika.Message(b"dead"), routing_key="")
+            for _ in range(25):
+                reader = await connection.channel()
+                queue = await reader.get_queue(topology.dead_queue, ensure=False)
+                assert await queue.get(no_ack=False, timeout=5) is not None
+                await reader.close()  # returns the unacked message: a counted delivery
+            queue = await channel.get_queue(topology.dead_queue, ensure=False)
+            kept = await queue.get(no_ack=True, fail=False)
+            assert kept is not None and kept.body == b"dead"
+            assert kept.headers["x-delivery-count"] == 25
     finally:
         await asyncio.to_thread(ctl, "clear_policy", name)
         engine.shutdown(2)
