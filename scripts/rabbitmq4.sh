@@ -10,8 +10,10 @@
 #   eval "$(bash scripts/rabbitmq4.sh env [sid|trixie] [PORT] [DIR])" && bash scripts/test.sh tests/consumer
 #   sudo bash scripts/rabbitmq4.sh stop [sid|trixie] [PORT] [DIR]
 #
-# `env` prints LORAQ_TEST_AMQP_URL and a PATH whose `rabbitmqctl` talks to this node (the fault
-# tests call it). The node loads the plugin rabbitmq_consistent_hash_exchange, as compose does.
+# `env` prints LORAQ_TEST_AMQP_URL, RABBITMQ_NODENAME and a PATH whose `rabbitmqctl` talks to this
+# node (the fault tests call it), and LORAQ_TEST_RABBITMQ_BIN, so that the cluster tests
+# (`-m cluster`) start their nodes from this RabbitMQ too. The node loads the plugin
+# rabbitmq_consistent_hash_exchange, as compose does.
 set -euo pipefail
 cmd=${1:?usage: rabbitmq4.sh start|env|stop [sid|trixie] [PORT] [DIR]}
 suite=${2:-sid}
@@ -35,6 +37,8 @@ start)
     fi
     mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
     mountpoint -q "$root/dev" || mount --bind /dev "$root/dev"
+    # /tmp shared: the cluster tests' nodes (tests/cluster.py) keep config, cookie and data there
+    mountpoint -q "$root/tmp" || mount --bind /tmp "$root/tmp"
     cp /etc/hosts "$root/etc/hosts"  # the node is name@localhost
     mkdir -p "$root/etc/loraq"
     printf 'loopback_users.guest = true\nlisteners.tcp.default = %s\n' "$port" > "$root/etc/loraq/rabbitmq.conf"
@@ -52,16 +56,16 @@ start)
     ;;
 env)
     mkdir -p "$dir/bin"
-    cat > "$dir/bin/rabbitmqctl" <<EOF
-#!/bin/sh
-exec chroot "$root" /usr/bin/env HOME=/root /usr/lib/rabbitmq/bin/rabbitmqctl -n "$node" "\$@"
-EOF
-    chmod +x "$dir/bin/rabbitmqctl"
-    echo "export LORAQ_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$port/ PATH=$dir/bin:\$PATH"
+    for tool in rabbitmq-server rabbitmqctl; do  # the environment passes through chroot as it is
+        printf '#!/bin/sh\nexec chroot "%s" /usr/lib/rabbitmq/bin/%s "$@"\n' "$root" "$tool" > "$dir/bin/$tool"
+        chmod +x "$dir/bin/$tool"
+    done
+    echo "export LORAQ_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$port/ RABBITMQ_NODENAME=$node" \
+         "LORAQ_TEST_RABBITMQ_BIN=$dir/bin PATH=$dir/bin:\$PATH"
     ;;
 stop)
     ctl stop || true
-    umount "$root/dev" "$root/proc" 2> /dev/null || true
+    umount "$root/tmp" "$root/dev" "$root/proc" 2> /dev/null || true
     ;;
 *)
     echo "unknown command $cmd" >&2

@@ -42,12 +42,14 @@ CTL_TIMEOUT_S = 60.0  # one rabbitmqctl call (the CLI's own start included)
 
 
 def find_scripts() -> Path | None:
-    """The directory of the real rabbitmq-server / rabbitmqctl scripts, or None if not installed.
-    Debian's /usr/sbin ones are wrappers that `su rabbitmq` when run as root (dropping our HOME), so
-    /usr/lib/rabbitmq/bin comes first."""
-    candidates = [Path("/usr/lib/rabbitmq/bin")]
+    """The directory of the real rabbitmq-server / rabbitmqctl scripts, or None if not installed:
+    LORAQ_TEST_RABBITMQ_BIN when set (scripts/rabbitmq4.sh: RabbitMQ 4 in a chroot), else
+    /usr/lib/rabbitmq/bin, then the PATH's (Debian's /usr/sbin ones are wrappers that `su rabbitmq`
+    when run as root, dropping our HOME)."""
+    chosen = os.environ.get("LORAQ_TEST_RABBITMQ_BIN")
+    candidates = [Path(chosen)] if chosen else [Path("/usr/lib/rabbitmq/bin")]
     on_path = shutil.which("rabbitmq-server")
-    if on_path:
+    if on_path and not chosen:
         candidates.append(Path(on_path).resolve().parent)
     for directory in candidates:
         if (directory / "rabbitmq-server").exists() and (directory / "rabbitmqctl").exists():
