@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import tomllib
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aio_pika
@@ -22,7 +24,9 @@ import pytest
 import yaml
 
 from consumer import cli
+from consumer.protocol import Topology
 from consumer.settings import FLAGS, WorkerSettings
+from consumer.worker import Worker
 from tests.amqp_helpers import AMQP_URL, delete_topology, unique_topology, worker_settings
 from tests.fake_engine import FakeEngine
 
@@ -244,19 +248,37 @@ async def broker_major() -> int:
         return int(connection.transport.connection.server_properties["version"].split(".")[0])
 
 
-def compose_policy(compose, major: int) -> tuple[str, dict]:
-    """(pattern, definition) of the compose policy as it applies to a broker of `major`: on 3.x
-    without delivery-limit, whose -1 (no limit) only 4.x knows (3.x has no default limit)."""
-    _, pattern, definition = policy_command(compose)[6:]
-    values = json.loads(definition)
+def compose_policy(compose, major: int) -> dict:
+    """The compose policy's definition as it applies to a broker of `major`: on 3.x without
+    delivery-limit, whose -1 (no limit) only 4.x knows (3.x has no default limit)."""
+    definition = json.loads(policy_command(compose)[8])
     if major < 4:
-        del values["delivery-limit"]
-    return pattern, values
+        del definition["delivery-limit"]
+    return definition
 
 
 def ctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
+
+@asynccontextmanager
+async def dead_queue_under_policy(definition: dict) -> AsyncIterator[tuple[Topology, FakeEngine, Worker]]:
+    """A worker started on a fresh topology (so its dead-letter queue exists), then `definition`
+    applied to that queue as a broker policy; yields (topology, engine, worker). On exit the
+    policy, the engine and the topology go (the test drains its worker)."""
+    topology = unique_topology()
+    name = f"test-dead-{uuid.uuid4().hex[:8]}"
+    engine = FakeEngine()
+    worker = Worker(worker_settings(topology), engine)
+    await worker.start()
+    try:
+        await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
+                                f"^{re.escape(topology.dead_queue)}$", json.dumps(definition))
+        yield topology, engine, worker
+    finally:
+        await asyncio.to_thread(ctl, "clear_policy", name)
+        engine.shutdown(2)
+        await delete_topology(topology)
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
 async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
@@ -264,17 +286,8 @@ async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
     applied to a worker's dead-letter queue on the real broker: the queue keeps its arguments
     (no redeclaration, no PRECONDITION_FAILED), holds the newest 3 dead letters, and a worker
     still starts on it."""
-    from consumer.worker import Worker
-
-    topology = unique_topology()
-    bounded = {**compose_policy(compose, await broker_major())[1], "max-length": 3}
-    name = f"test-dead-{uuid.uuid4().hex[:8]}"
-    engine = FakeEngine()
-    worker = Worker(worker_settings(topology), engine)
-    await worker.start()
-    try:
-        await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
-                                f"^{re.escape(topology.dead_queue)}$", json.dumps(bounded))
+    bounded = {**compose_policy(compose, await broker_major()), "max-length": 3}
+    async with dead_queue_under_policy(bounded) as (topology, engine, worker):
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
@@ -290,31 +303,17 @@ async def test_the_policy_bounds_a_dead_letter_queue_a_worker_declared(compose):
         again = Worker(worker_settings(topology), engine)
         await again.start()  # declares the same queue again: the policy changed no argument
         await again.drain()
-    finally:
-        await asyncio.to_thread(ctl, "clear_policy", name)
-        engine.shutdown(2)
-        await delete_topology(topology)
-
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on this host")
 async def test_on_4x_the_policy_keeps_a_dead_letter_however_often_it_is_returned(compose):
     """RabbitMQ 4.x drops a quorum queue's message after 20 returns (its default delivery limit):
     under the compose policy a dead letter a reader took and returned 25 times is still there.
     Runs on a 4.x broker (scripts/rabbitmq4.sh); 3.x has no default limit."""
-    from consumer.worker import Worker
-
     major = await broker_major()
     if major < 4:
         pytest.skip(f"RabbitMQ {major}.x has no default delivery limit")
-    topology = unique_topology()
-    name = f"test-dead-{uuid.uuid4().hex[:8]}"
-    engine = FakeEngine()
-    worker = Worker(worker_settings(topology), engine)
-    await worker.start()
-    await worker.drain()
-    try:
-        await asyncio.to_thread(ctl, "set_policy", "--apply-to", "queues", name,
-                                f"^{re.escape(topology.dead_queue)}$", json.dumps(compose_policy(compose, major)[1]))
+    async with dead_queue_under_policy(compose_policy(compose, major)) as (topology, _, worker):
+        await worker.drain()
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
@@ -329,7 +328,3 @@ async def test_on_4x_the_policy_keeps_a_dead_letter_however_often_it_is_returned
             kept = await queue.get(no_ack=True, fail=False)
             assert kept is not None and kept.body == b"dead"
             assert kept.headers["x-delivery-count"] == 25
-    finally:
-        await asyncio.to_thread(ctl, "clear_policy", name)
-        engine.shutdown(2)
-        await delete_topology(topology)
