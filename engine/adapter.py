@@ -14,7 +14,8 @@ and `peft.utils.other.get_pattern_key`), then checked against the tensors in the
 expected module must have both tensors, and no other tensor may be present.
 
 A load is a few passes over the adapter's bytes and little else: the safetensors file is read with
-one `readinto`, its header checked before any data is read; the data become fp32 views of one
+one `readinto`, its header checked before any data is read (and parsed once for all the files
+that share it byte for byte: adapters saved alike do); the data become fp32 views of one
 buffer, checked for non-finite values in one pass; what a config selects is resolved once per
 distinct config (adapters of one deployment share theirs), so every per-tensor step is a dict
 lookup or a view; each module's layers are transposed (and B scaled) in one stacked op.
@@ -382,6 +383,28 @@ def _header_entries(header: object, data_len: int) -> dict[str, _Entry]:
     return entries
 
 
+# Adapters saved alike (one trainer, one config) have byte-identical headers: a deployment's loads
+# parse and check theirs once. Only headers of a usual size are kept (a hostile one may be 100 MB).
+_HEADER_CACHE_SIZE = 64
+_HEADER_CACHE_MAX_BYTES = 1 << 20
+_headers: dict[bytes, tuple[dict[str, _Entry], dict[str, tuple[int, ...]]]] = {}
+
+
+def _entries(raw: bytes, data_len: int) -> tuple[dict[str, _Entry], dict[str, tuple[int, ...]]]:
+    """`_header_entries` of a raw header and each tensor's shape, from a small cache keyed on the
+    header's bytes and the data section's length. Cached dicts are shared: read them, never change them."""
+    key = raw + data_len.to_bytes(8, "little")
+    cached = _headers.get(key)
+    if cached is None:
+        entries = _header_entries(json.loads(raw), data_len)
+        cached = entries, {name: e.shape for name, e in entries.items()}
+        if len(raw) <= _HEADER_CACHE_MAX_BYTES:
+            if len(_headers) >= _HEADER_CACHE_SIZE:
+                _headers.clear()
+            _headers[key] = cached
+    return cached
+
+
 def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
     """The tensors of `file` as fp32 views of one buffer, checked for names and shapes from the
     header before the data is read, and for non-finite values."""
@@ -391,8 +414,8 @@ def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Ten
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"header length {n} in a file of {size} bytes")
-            entries = _header_entries(json.loads(f.read(n)), size - 8 - n)
-            _check_names({name: e.shape for name, e in entries.items()}, spec, plan)
+            entries, shapes = _entries(f.read(n), size - 8 - n)
+            _check_names(shapes, spec, plan)
             data = bytearray(size - 8 - n)
             if f.readinto(data) != len(data):
                 raise ValueError("the file is shorter than it was a moment ago")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import engine.adapter as adapter_module
 from engine.adapter import AdapterWeights, load_peft_adapter
 from engine.config import LORA_MODULES
 from engine.lora_slots import LoraSlots
@@ -309,6 +310,34 @@ def test_malformed_safetensors_refused(model, plain, tmp_path):
     d = edited(plain, tmp_path / "ints", tensors=lambda t: {k: v.to(torch.int32) if k == first else v
                                                             for k, v in t.items()})
     refused(d, spec, "non-float", first)
+
+
+def test_a_header_seen_before_is_parsed_once_and_each_file_still_decides(model, plain, tmp_path, monkeypatch):
+    """Files that share a header byte for byte (adapters saved alike) parse it once; each file's
+    own data still gives its weights, and its own non-finite values or length still refuse it."""
+    spec = model[1]
+    parsed = []
+    monkeypatch.setattr(adapter_module, "_headers", {})
+    monkeypatch.setattr(adapter_module, "_header_entries",
+                        lambda header, n, real=adapter_module._header_entries: parsed.append(n) or real(header, n))
+    first = sorted(load_file(plain / "adapter_model.safetensors"))[0]
+    tripled = edited(plain, tmp_path / "tripled", tensors=lambda t: {k: v * 3 for k, v in t.items()})
+    doubled = edited(plain, tmp_path / "doubled", tensors=lambda t: {k: v * 2 for k, v in t.items()})
+    nan = edited(plain, tmp_path / "nan", tensors=lambda t: {k: v.clone().fill_(float("nan")) if k == first else v
+                                                             for k, v in t.items()})
+    base = load_peft_adapter(plain, spec, torch.float32, 64, False).modules
+    w3 = load_peft_adapter(tripled, spec, torch.float32, 64, False).modules
+    parsed.clear()
+    w2 = load_peft_adapter(doubled, spec, torch.float32, 64, False).modules
+    refused(nan, spec, "non-finite", first)
+    assert parsed == []  # the copies share tripled's header
+    for key, (A, B) in base.items():
+        assert torch.equal(w3[key][0], A * 3) and torch.equal(w2[key][0], A * 2)
+        assert torch.equal(w3[key][1], B * 3) and torch.equal(w2[key][1], B * 2)
+    st = doubled / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:-4])  # the same header over a shorter data section: parsed, refused
+    refused(doubled, spec, "unreadable")
+    assert len(parsed) == 1
 
 
 def test_rank_pattern_order_decides_as_in_peft(model, tmp_path):
