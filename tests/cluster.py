@@ -10,7 +10,9 @@ The machine's own broker (rabbit@localhost, port 5672) is never touched. Each no
                        every rabbitmqctl call: a call that named the machine's broker by mistake would
                        be refused for a wrong cookie instead of acting on it
 The nodes share the host's epmd (a name registry only). The three nodes boot in parallel, then the
-second and third join the first (stop_app / join_cluster / start_app) in parallel.
+second and third join the first (stop_app / join_cluster / start_app) one after the other: joined
+together, one node's start_app can fail while the other's mnesia syncs (seen on 3.10: mnesia_monitor
+killed, BOOT FAILED).
 
 `stop(node)` is `rabbitmqctl stop_app`: the Erlang VM stays up, the AMQP listener closes, client
 connections are closed by the broker, and its quorum queue replicas are offline (a leader there
@@ -135,13 +137,14 @@ class RabbitCluster:
         raise KeyError(f"{name} is not a node of this cluster: {self.names}")
 
     def start_cluster(self) -> None:
-        """Boot every node in parallel, wait until each is up, then join the others to the first."""
+        """Boot every node in parallel, wait until each is up, then join the others to the first, in turn."""
         began = time.monotonic()
         try:
             for n in self.nodes:
                 self._launch(n)
             self._parallel(self._await_boot, self.nodes)
-            self._parallel(self._join, self.nodes[1:])
+            for n in self.nodes[1:]:
+                self._join(n)
             running = self._running_nodes()
             if running != set(self.names):
                 raise ClusterError(f"cluster formed with {sorted(running)}, expected {self.names}")
