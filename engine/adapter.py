@@ -2,10 +2,9 @@
 
 PEFT stores `lora_A.weight` [r, in] and `lora_B.weight` [out, r] and computes
 `y += scale * (x @ A.T) @ B.T` with `scale = alpha / r` (or `alpha / sqrt(r)` with rslora).
-We keep `A = lora_A.T` [in, r] and `B = scale * lora_B.T` [r, out] in the compute dtype, so the
-op is two plain matmuls `x @ A @ B` with nothing left to multiply. A module's layers are stacked
-(`LayerRun`: [layers, in, r] and [layers, r, out]), the layout of a device slot, so a slot takes
-an adapter in a few copies rather than one per layer and module.
+A `LayerRun` holds one module's layers in that layout ([layers, r, in] and [layers, out, r], the
+scale beside them), so a device slot (the same layout, scale folded into B) takes an adapter in a
+few copies rather than one per layer and module, and the copy is the only pass that scales.
 
 Which modules an adapter targets, and each module's r and alpha, are resolved exactly as PEFT
 resolves them (target_modules / exclude_modules / layers_to_transform / layers_pattern /
@@ -13,12 +12,13 @@ rank_pattern / alpha_pattern: mirrored from `peft.tuners.tuners_utils.check_targ
 and `peft.utils.other.get_pattern_key`), then checked against the tensors in the file: every
 expected module must have both tensors, and no other tensor may be present.
 
-A load is a few passes over the adapter's bytes and little else: the safetensors file is read with
-one `readinto`, its header checked before any data is read (and parsed once for all the files
-that share it byte for byte: adapters saved alike do); the data become fp32 views of one
-buffer, checked for non-finite values in one pass; what a config selects is resolved once per
-distinct config (adapters of one deployment share theirs), so every per-tensor step is a dict
-lookup or a view; each module's layers are transposed (and B scaled) in one stacked op.
+A load of an fp32 safetensors file is a read and a check, with no copy: the file is read with one
+`readinto`, its header checked before any data is read (and parsed once for all the files that
+share it byte for byte: adapters saved alike do); the data are checked for non-finite values in
+one pass; what a config selects is resolved once per distinct config (adapters of one deployment
+share theirs). The runs are then strided views of that one buffer: files lay their layers out in
+blocks of one size (in name order, so layer 10 follows layer 1), and consecutive layers whose
+tensors lie evenly spaced form one run. Other dtypes are converted once, into the compute dtype.
 (`python -m benchmarks.adapter_load` measures it against a plain read of the files.)
 """
 
@@ -29,9 +29,9 @@ import math
 import os
 import re
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,12 +60,14 @@ _REFUSED_FIELDS = (
 
 @dataclass(frozen=True)
 class LayerRun:
-    """One module's weights over consecutive layers that share a rank: one copy into a slot."""
+    """One module's weights over consecutive layers that share a rank and a scale: one copy into a
+    slot. A and B may be strided views (of the file's buffer)."""
 
     module: str
     first_layer: int
-    A: Tensor  # [n, in, r]: lora_A.T per layer
-    B: Tensor  # [n, r, out]: scale * lora_B.T per layer
+    A: Tensor  # [n, r, in]: lora_A per layer
+    B: Tensor  # [n, out, r]: lora_B per layer, to be multiplied by `scale`
+    scale: float = 1.0
 
     @property
     def layers(self) -> slice:
@@ -73,7 +75,7 @@ class LayerRun:
 
     @property
     def rank(self) -> int:
-        return self.A.shape[2]
+        return self.A.shape[1]
 
 
 @dataclass
@@ -87,21 +89,22 @@ class AdapterWeights:
 
     @classmethod
     def from_modules(cls, key: str, modules: Mapping[tuple[int, str], tuple[Tensor, Tensor]]) -> AdapterWeights:
-        """From per-layer pairs already in the op's layout: (layer, module) -> (A [in, r], B [r, out])."""
-        runs = tuple(LayerRun(module, layers[0], torch.stack([modules[layer, module][0] for layer in layers]),
-                              torch.stack([modules[layer, module][1] for layer in layers]))
+        """From per-layer pairs (layer, module) -> (A [in, r], B [r, out]): `x @ A @ B` is the delta."""
+        runs = tuple(LayerRun(module, layers[0], torch.stack([modules[layer, module][0].T for layer in layers]),
+                              torch.stack([modules[layer, module][1].T for layer in layers]))
                      for module, layers in _layer_runs({k: ab[0].shape[1] for k, ab in modules.items()}))
         return cls(key, max(run.rank for run in runs), runs, sum(run.A.nbytes + run.B.nbytes for run in runs))
 
     @property
     def modules(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
-        """Per-layer views: (layer, module) -> (A [in, r], B [r, out] * scale)."""
-        return {(run.first_layer + i, run.module): (run.A[i], run.B[i]) for run in self.runs
-                for i in range(run.A.shape[0])}
+        """Per layer: (layer, module) -> (A [in, r], B [r, out] * scale), so that `x @ A @ B` is the
+        delta; views where the scale is 1."""
+        return {(run.first_layer + i, run.module): (run.A[i].T, run.B[i].T * run.scale if run.scale != 1.0
+                                                    else run.B[i].T) for run in self.runs for i in range(len(run.A))}
 
     def pin_memory(self) -> AdapterWeights:
         """A copy in page-locked memory, so host -> device copies can be asynchronous (CUDA only)."""
-        runs = tuple(LayerRun(r.module, r.first_layer, r.A.pin_memory(), r.B.pin_memory()) for r in self.runs)
+        runs = tuple(replace(r, A=r.A.pin_memory(), B=r.B.pin_memory()) for r in self.runs)
         return AdapterWeights(self.key, self.rank, runs, self.nbytes)
 
 
@@ -387,17 +390,22 @@ def _header_entries(header: object, data_len: int) -> dict[str, _Entry]:
 # parse and check theirs once. Only headers of a usual size are kept (a hostile one may be 100 MB).
 _HEADER_CACHE_SIZE = 64
 _HEADER_CACHE_MAX_BYTES = 1 << 20
-_headers: dict[bytes, tuple[dict[str, _Entry], dict[str, tuple[int, ...]]]] = {}
+_Header = tuple[dict[str, _Entry], dict[str, tuple[int, ...]], dict[str, int] | None]
+_headers: dict[bytes, _Header] = {}
 
 
-def _entries(raw: bytes, data_len: int) -> tuple[dict[str, _Entry], dict[str, tuple[int, ...]]]:
-    """`_header_entries` of a raw header and each tensor's shape, from a small cache keyed on the
-    header's bytes and the data section's length. Cached dicts are shared: read them, never change them."""
+def _entries(raw: bytes, data_len: int) -> _Header:
+    """`_header_entries` of a raw header, each tensor's shape, and (when all share one float dtype)
+    each one's element offset in the data, from a small cache keyed on the header's bytes and the
+    data section's length. Cached dicts are shared: read them, never change them."""
     key = raw + data_len.to_bytes(8, "little")
     cached = _headers.get(key)
     if cached is None:
         entries = _header_entries(json.loads(raw), data_len)
-        cached = entries, {name: e.shape for name, e in entries.items()}
+        dtypes = {e.dtype for e in entries.values()}
+        item = _ST_FLOATS[dtypes.pop()].itemsize if len(dtypes) == 1 and dtypes <= _ST_FLOATS.keys() else 0
+        offsets = {name: e.start // item for name, e in entries.items()} if item else None
+        cached = entries, {name: e.shape for name, e in entries.items()}, offsets
         if len(raw) <= _HEADER_CACHE_MAX_BYTES:
             if len(_headers) >= _HEADER_CACHE_SIZE:
                 _headers.clear()
@@ -405,16 +413,17 @@ def _entries(raw: bytes, data_len: int) -> tuple[dict[str, _Entry], dict[str, tu
     return cached
 
 
-def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
-    """The tensors of `file` as fp32 views of one buffer, checked for names and shapes from the
-    header before the data is read, and for non-finite values."""
+def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> tuple[Tensor, dict[str, int]]:
+    """The data of `file` as one fp32 tensor (the file's own buffer when it holds fp32) and each
+    tensor's element offset in it, checked for names and shapes from the header before the data
+    is read."""
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"header length {n} in a file of {size} bytes")
-            entries, shapes = _entries(f.read(n), size - 8 - n)
+            entries, shapes, offsets = _entries(f.read(n), size - 8 - n)
             _check_names(shapes, spec, plan)
             data = bytearray(size - 8 - n)
             if f.readinto(data) != len(data):
@@ -426,26 +435,14 @@ def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Ten
     for name, e in entries.items():
         if e.dtype not in _ST_FLOATS:
             raise _invalid(f"tensor {name} has non-float values (dtype {e.dtype})")
-    dtypes = {e.dtype for e in entries.values()}
-    if len(dtypes) == 1:  # the usual file: one conversion and one check over all of it
-        dtype = _ST_FLOATS[dtypes.pop()]
-        flat = torch.frombuffer(data, dtype=dtype).float()
-        item = dtype.itemsize
-        # the plan's shapes (equal to the header's, and ints); as_strided: one view op, not two
-        tensors = {name: flat.as_strided(plan.shapes[name], (plan.shapes[name][1], 1), e.start // item)
-                   for name, e in entries.items()}
-        if not _finite(flat):
-            _check_finite(tensors, plan)
-        return tensors
+    if offsets is not None:  # the usual file, one dtype: its tensors tile the buffer, converted once (or not)
+        return torch.frombuffer(data, dtype=_ST_FLOATS[next(iter(entries.values())).dtype]).float(), offsets
     raw = torch.frombuffer(data, dtype=torch.uint8)
-    tensors = {name: raw[e.start:e.end].clone().view(_ST_FLOATS[e.dtype]).float().view(plan.shapes[name])
-               for name, e in entries.items()}
-    _check_finite(tensors, plan)
-    return tensors
+    return _pack({name: raw[e.start:e.end].clone().view(_ST_FLOATS[e.dtype]) for name, e in entries.items()})
 
 
-def _read_pickle(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
-    """The tensors of an `adapter_model.bin` (weights_only), as fp32, checked like a safetensors file's."""
+def _read_pickle(file: Path, spec: ModelSpec, plan: _Plan) -> tuple[Tensor, dict[str, int]]:
+    """The tensors of an `adapter_model.bin` (weights_only), packed like a safetensors file's."""
     try:
         tensors = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -456,9 +453,23 @@ def _read_pickle(file: Path, spec: ModelSpec, plan: _Plan) -> dict[str, Tensor]:
     for key, t in tensors.items():
         if not t.is_floating_point():
             raise _invalid(f"tensor {key} has non-float values (dtype {t.dtype})")
-    tensors = {key: t.float() for key, t in tensors.items()}
-    _check_finite(tensors, plan)
-    return tensors
+    return _pack(tensors)
+
+
+def _pack(tensors: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, int]]:
+    """The tensors side by side in one fp32 tensor, and each one's element offset in it."""
+    offsets, position = {}, 0
+    for name, t in tensors.items():
+        offsets[name], position = position, position + t.numel()
+    flat = torch.empty(position)
+    for name, t in tensors.items():
+        flat[offsets[name]:offsets[name] + t.numel()] = t.reshape(-1)
+    return flat, offsets
+
+
+def _views(flat: Tensor, offsets: Mapping[str, int], plan: _Plan) -> dict[str, Tensor]:
+    """Each tensor of the plan as a view of `flat`."""
+    return {name: flat.as_strided(shape, (shape[1], 1), offsets[name]) for name, shape in plan.shapes.items()}
 
 
 def _finite(t: Tensor) -> bool:
@@ -502,42 +513,132 @@ def _scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def read_peft_lora(path: Path, spec: ModelSpec, max_rank: int, allow_pickle: bool) -> LoraTensors:
-    """Read and validate the PEFT LoRA adapter in directory `path`; raise EngineError(ADAPTER_INVALID)
-    naming the offending field or tensor for anything we cannot serve exactly. The tensors may be
-    views of one buffer: read them, never write them."""
+def _read(path: Path, spec: ModelSpec, max_rank: int, allow_pickle: bool) -> tuple[dict, _Plan, Tensor, dict[str, int]]:
+    """The checked config of the adapter in directory `path`, its plan, and its tensors (fp32, packed,
+    finite) as `flat` and each one's element offset in it."""
     path = Path(path)
     cfg = _read_config(path)
     _check_config(cfg, max_rank)
     plan = _plan(cfg, spec)
     st_file, bin_file = path / SAFETENSORS_FILE, path / PICKLE_FILE
     if st_file.is_file():
-        tensors = _read_safetensors(st_file, spec, plan)
+        flat, offsets = _read_safetensors(st_file, spec, plan)
     elif bin_file.is_file():
         if not allow_pickle:
             raise _invalid(f"{PICKLE_FILE} (pickle) needs allow_pickle; provide {SAFETENSORS_FILE}")
-        tensors = _read_pickle(bin_file, spec, plan)
+        flat, offsets = _read_pickle(bin_file, spec, plan)
     else:
         raise _invalid(f"{SAFETENSORS_FILE} missing in the adapter directory")
+    if not _finite(flat):  # the tensors tile `flat`: one pass, and a search only to name the culprit
+        _check_finite(_views(flat, offsets, plan), plan)
+    return cfg, plan, flat, offsets
+
+
+def read_peft_lora(path: Path, spec: ModelSpec, max_rank: int, allow_pickle: bool) -> LoraTensors:
+    """Read and validate the PEFT LoRA adapter in directory `path`; raise EngineError(ADAPTER_INVALID)
+    naming the offending field or tensor for anything we cannot serve exactly. The tensors may be
+    views of one buffer: read them, never write them."""
+    cfg, plan, flat, offsets = _read(path, spec, max_rank, allow_pickle)
+    tensors = _views(flat, offsets, plan)
     modules = {k: (tensors[a], tensors[b], scale) for k, (a, b, scale) in plan.modules.items()}
     use_rslora = bool(cfg.get("use_rslora", False))
     return LoraTensors(modules, _scale(float(cfg.get("lora_alpha", 8)), int(cfg.get("r", 8)), use_rslora))
 
 
+class _View(NamedTuple):
+    """A `LayerRun` as two views of a flat buffer: `flat.as_strided(*a)`, `flat.as_strided(*b)`."""
+
+    module: str
+    first_layer: int
+    a: tuple[tuple[int, ...], tuple[int, ...], int]  # (shape, strides, offset)
+    b: tuple[tuple[int, ...], tuple[int, ...], int]
+    scale: float
+
+
+# (id(offsets), id(plan)) -> (offsets, plan, views): the objects are kept, so their ids stay theirs
+_VIEWS_CACHE_SIZE = 64
+_views_cache: dict[tuple[int, int], tuple[Mapping[str, int], _Plan, list[_View]]] = {}
+
+
+def _strided_runs(flat: Tensor, offsets: Mapping[str, int], plan: _Plan) -> list[LayerRun]:
+    """The op's layout as views of `flat` (see `_run_views`); a header's views are found once per plan."""
+    cached = _views_cache.get((id(offsets), id(plan)))
+    if cached is None or cached[0] is not offsets or cached[1] is not plan:
+        if len(_views_cache) >= _VIEWS_CACHE_SIZE:
+            _views_cache.clear()
+        cached = offsets, plan, _run_views(offsets, plan)
+        _views_cache[id(offsets), id(plan)] = cached
+    return [LayerRun(v.module, v.first_layer, flat.as_strided(*v.a), flat.as_strided(*v.b), v.scale)
+            for v in cached[2]]
+
+
+def _run_views(offsets: Mapping[str, int], plan: _Plan) -> list[_View]:
+    """Per module, rank and scale, its layers in file order, cut wherever the next layer is not the
+    next in number or its tensors not at the same spacing (a file in name order gives runs 0-1,
+    10-19, 2, 20-29, 3-9). Row i of a run starting at offsets (a, b) with spacings (da, db) is
+    `A = flat[a + i*da:].view(r, in)`, `B = flat[b + i*db:].view(out, r)`."""
+    groups: dict[tuple, list[tuple[int, int, int]]] = {}  # (module, scale, shapes) -> [(A at, B at, layer)]
+    for (layer, module), (a_name, b_name, scale) in plan.modules.items():
+        key = (module, scale, plan.shapes[a_name], plan.shapes[b_name])
+        groups.setdefault(key, []).append((offsets[a_name], offsets[b_name], layer))
+    views = []
+    for (module, scale, (r, fan_in), (fan_out, _)), members in groups.items():
+        members.sort()
+        i = 0
+        while i < len(members):
+            j = _evenly_spaced(members, i)
+            a, b, layer = members[i]
+            da, db = (members[i + 1][0] - a, members[i + 1][1] - b) if j > i + 1 else (0, 0)
+            views.append(_View(module, layer, ((j - i, r, fan_in), (da, fan_in, 1), a),
+                               ((j - i, fan_out, r), (db, r, 1), b), scale))
+            i = j
+    return views
+
+
+def _evenly_spaced(members: list[tuple[int, int, int]], i: int) -> int:
+    """The end of the longest run from `members[i]` (A offset, B offset, layer; A offsets ascend) whose
+    layers step by one and whose A and B offsets each step by one positive spacing."""
+    def step(k: int) -> tuple[int, ...]:
+        return tuple(now - before for now, before in zip(members[k], members[k - 1], strict=True))
+
+    j = i + 1
+    if j == len(members) or step(j)[2] != 1 or step(j)[1] <= 0:
+        return j
+    first = step(j)
+    while j < len(members) and step(j) == first:
+        j += 1
+    return j
+
+
 def lay_out(lora: LoraTensors, dtype: torch.dtype, key: str) -> AdapterWeights:
     """The op's layout, one `LayerRun` per run of layers of a module with one rank and scale:
-    `A = lora_A.T` [n, in, r] and `B = scale * lora_B.T` [n, r, out] in `dtype` (the product in fp32)."""
+    lora_A [n, r, in] and lora_B [n, out, r] stacked, and the run's scale (see `_cast` for `dtype`)."""
     runs = []
     for module, layers in _layer_runs({k: (a.shape[0], scale) for k, (a, _, scale) in lora.modules.items()}):
         parts = [lora.modules[layer, module] for layer in layers]
-        A = torch.stack([a for a, _, _ in parts]).transpose(1, 2).contiguous()
-        B = torch.stack([b for _, b, _ in parts]).transpose(1, 2).contiguous().mul_(parts[0][2])
-        runs.append(LayerRun(module, layers[0], A.to(dtype), B.to(dtype)))
+        A = torch.stack([a for a, _, _ in parts])
+        B = torch.stack([b for _, b, _ in parts])
+        runs.append(_cast(LayerRun(module, layers[0], A, B, parts[0][2]), dtype))
+    return _weights(key, runs)
+
+
+def _cast(run: LayerRun, dtype: torch.dtype) -> LayerRun:
+    """`run` itself in fp32; otherwise contiguous copies in `dtype` with the scale folded into B
+    (multiplied in fp32), so the host tier holds the compute dtype's bytes."""
+    if dtype == run.A.dtype == run.B.dtype:
+        return run
+    return replace(run, A=run.A.to(dtype, memory_format=torch.contiguous_format),
+                   B=(run.B * run.scale).to(dtype, memory_format=torch.contiguous_format), scale=1.0)
+
+
+def _weights(key: str, runs: list[LayerRun]) -> AdapterWeights:
     return AdapterWeights(key=key, rank=max(run.rank for run in runs), runs=tuple(runs),
                           nbytes=sum(run.A.nbytes + run.B.nbytes for run in runs))
 
 
 def load_peft_adapter(path: Path, spec: ModelSpec, dtype: torch.dtype, max_rank: int,
                       allow_pickle: bool, key: str = "") -> AdapterWeights:
-    """The PEFT LoRA adapter in directory `path`, validated (`read_peft_lora`) and laid out for the op."""
-    return lay_out(read_peft_lora(path, spec, max_rank, allow_pickle), dtype, key or str(path))
+    """The PEFT LoRA adapter in directory `path`, validated (as `read_peft_lora`) and laid out for the
+    op: in fp32, views of the file's data (no copy)."""
+    _, plan, flat, offsets = _read(path, spec, max_rank, allow_pickle)
+    return _weights(key or str(path), [_cast(run, dtype) for run in _strided_runs(flat, offsets, plan)])

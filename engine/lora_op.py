@@ -61,13 +61,13 @@ class LoraOp(ABC):
     """Adds each segment's LoRA delta to a projection's output, in place, reading a LoraSlots.
 
     For one (layer, module), with x [T, in] and y [T, out] the projection's input and output, and
-    A = slots.A[module][layer] [S, in, R], B = slots.B[module][layer] [S, R, out] (R the slots'
-    max rank, zero-padded; the adapter's scale is folded into B):
+    A = slots.A[module][layer] [S, R, in], B = slots.B[module][layer] [S, out, R] (PEFT's layout;
+    R the slots' max rank, zero-padded; the adapter's scale is folded into B):
 
         for start, length, slot, rank in batch.segments:      # rows of slot -1 are in no segment
             rows = slice(start, start + length)
-            s = x[rows] @ A[slot, :, :rank]                   # shrink  [length, in] @ [in, rank]
-            y[rows] += s @ B[slot, :rank, :]                  # expand  [length, rank] @ [rank, out]
+            s = x[rows] @ A[slot, :rank].T                    # shrink  [length, in] @ [in, rank]
+            y[rows] += s @ B[slot, :, :rank].T                # expand  [length, rank] @ [rank, out]
 
     Contract:
     - `prepare` is called once per step, before the forward, with the step's packing. It finds
@@ -112,7 +112,7 @@ class LoraOp(ABC):
 
     @abstractmethod
     def apply(self, y: Tensor, x: Tensor, layer: int, module: str, batch: LoraBatch) -> None:
-        """y[rows] += x[rows] @ A[layer, slot, :, :rank] @ B[layer, slot, :rank] for every segment;
+        """y[rows] += x[rows] @ A[layer, slot, :rank].T @ B[layer, slot, :, :rank].T for every segment;
         x [T, in], y [T, out]."""
 
 
@@ -138,14 +138,14 @@ class TorchLoraOp(LoraOp):
     """SGMV in torch, two paths chosen per segment:
 
     - padded bmm (decode, and prefill of similar lengths): one `bmm` over all segments padded to
-      the longest (see PAD_WASTE), on per-segment weights `A[l, slot, :, :r]` / `B[l, slot, :r]`
+      the longest (see PAD_WASTE), on per-segment weights `A[l, slot, :r].T` / `B[l, slot, :, :r].T`
       (r = max rank over those slots) copied into one bmm row per segment. The gather copy, not the
       arithmetic, dominates a decode step, so the rows are kept between steps: a row is copied
       again only when the slot packed at its position, or that slot's version, changes; `order`
       keeps each slot at its row, so an adapter that joins or leaves the batch costs one row.
       Modules that read the same x (q/k/v, gate/up) share one shrink against concatenated A.
     - alone (a segment much longer than the rest, e.g. a prompt beside decode rows):
-      `y[s:e] += (x[s:e] @ A[l, slot, :, :r]) @ B[l, slot, :r]` on slot views (no copy), r its rank.
+      `y[s:e] += (x[s:e] @ A[l, slot, :r].T) @ B[l, slot, :, :r].T` on slot views (no copy), r its rank.
     """
 
     def __init__(self, slots: LoraSlots) -> None:
@@ -204,8 +204,8 @@ class TorchLoraOp(LoraOp):
     @torch.inference_mode()  # the rows are copied in place: into tensors only ever changed in inference mode
     def _gather(self, short_slots: tuple[int, ...], rank: int, groups: Mapping[str, tuple[str, ...]]) -> dict:
         """(layer, group) -> (A_cat [n, in, g*r], [B_m [n, r, out] for m in group]), bmm row i
-        holding slot short_slots[i]'s A[layer, slot, :, :rank] / B[layer, slot, :rank] (the group's
-        A side by side); only the rows whose slot, or that slot's version, changed are copied."""
+        holding slot short_slots[i]'s A[layer, slot, :rank].T / B[layer, slot, :, :rank].T (the
+        group's A side by side); only the rows whose slot, or that slot's version, changed are copied."""
         slots = self.slots
         rows = [(slot, slots.versions[slot]) for slot in short_slots]
         n = len(rows)
@@ -221,9 +221,9 @@ class TorchLoraOp(LoraOp):
             idx = _index([short_slots[i] for i in stale], slots.device)
             for (layer, group), (a_cat, b) in self._gathered.items():
                 for j, m in enumerate(group):  # sliced to the rank first: only the bytes the bmm reads are copied
-                    a = slots.A[m][layer, :, :, :rank].index_select(0, idx)  # [stale, in, rank]
-                    a_cat[:, :, j * rank:(j + 1) * rank].index_copy_(0, at, a)
-                    b[j].index_copy_(0, at, slots.B[m][layer, :, :rank, :].index_select(0, idx).transpose(1, 2))
+                    a = slots.A[m][layer, :, :rank].index_select(0, idx)  # [stale, rank, in]
+                    a_cat[:, :, j * rank:(j + 1) * rank].index_copy_(0, at, a.transpose(1, 2))
+                    b[j].index_copy_(0, at, slots.B[m][layer, :, :, :rank].index_select(0, idx))
             self._rows = rows + self._rows[n:]
         if n != self._num_rows:
             self._weights = {key: (a[:n], [b_m[:n].transpose(1, 2) for b_m in b])  # B as [n, r, out] views
@@ -243,8 +243,8 @@ class TorchLoraOp(LoraOp):
         if group is None or plan is None:
             return  # no loaded adapter targets this module, or no row has an adapter
         for s, n, slot, r in plan.long:
-            a, b = self.slots.A[module][layer, slot, :, :r], self.slots.B[module][layer, slot, :r, :]
-            y[s:s + n] += ((x[s:s + n].to(a.dtype) @ a) @ b).to(y.dtype)  # [n, in] @ [in, r] @ [r, out]
+            a, b = self.slots.A[module][layer, slot, :r], self.slots.B[module][layer, slot, :, :r]
+            y[s:s + n] += ((x[s:s + n].to(a.dtype) @ a.T) @ b.T).to(y.dtype)  # [n, in] @ [in, r] @ [r, out]
         if plan.short_rank:
             self._apply_short(y, x, layer, module, group, plan)
 

@@ -1,16 +1,18 @@
 """The device tier: every resident adapter's weights stacked in the layout the LoRA op reads.
 
-Per target module, one zero-padded tensor holds all slots of all layers:
-    A[module]: [num_layers, num_slots, in, max_rank]
-    B[module]: [num_layers, num_slots, max_rank, out]   (scale folded in)
-so `A[module][layer, slot, :, :r]` is a view the op multiplies with, never a copy. Padding rows
-and columns are zero, so slicing to any r >= the slot's rank gives the same product.
+Per target module, one zero-padded tensor holds all slots of all layers, in PEFT's own layout
+(lora_A [r, in], lora_B [out, r]: what a file holds, so a load copies rows without transposing):
+    A[module]: [num_layers, num_slots, max_rank, in]
+    B[module]: [num_layers, num_slots, out, max_rank]   (scale folded in)
+so `A[module][layer, slot, :r]` is a view the op multiplies with (`x @ A.T @ B.T`), never a copy.
+Padding rows and columns are zero, so slicing to any r >= the slot's rank gives the same product.
 
 Tensors are allocated lazily, the first time a loaded adapter targets a module: a deployment
 whose adapters touch only q/v pays nothing for the MLP. Memory per allocated module is
 `num_layers * num_slots * max_rank * (in + out) * itemsize` and is never given back.
 
-A load writes one copy per `LayerRun` (usually one per module) and zeroes only what the slot's
+A load writes one copy per `LayerRun` (usually one per module; B multiplied by the run's scale on
+the way) and zeroes only what the slot's
 previous adapter may have left beyond it: per module and slot, `_extent` is the rank up to which
 values may be non-zero, so a rank-8 adapter replacing a rank-8 adapter on the same layers zeroes
 nothing, and no load clears the whole max_rank padding.
@@ -56,8 +58,8 @@ class LoraSlots:
     def _allocate(self, module: str) -> None:
         fan_in, fan_out = self.spec.module_shapes[module]
         shape = (self.spec.num_layers, self.num_slots)
-        self.A[module] = torch.zeros(*shape, fan_in, self.max_rank, device=self.device, dtype=self.dtype)
-        self.B[module] = torch.zeros(*shape, self.max_rank, fan_out, device=self.device, dtype=self.dtype)
+        self.A[module] = torch.zeros(*shape, self.max_rank, fan_in, device=self.device, dtype=self.dtype)
+        self.B[module] = torch.zeros(*shape, fan_out, self.max_rank, device=self.device, dtype=self.dtype)
         self._extent[module] = [0] * self.num_slots
 
     def _bump(self, slot: int) -> None:
@@ -75,15 +77,21 @@ class LoraSlots:
                 self._allocate(run.module)
         non_blocking = self.device.type == "cuda"
         for module, extents in self._extent.items():
-            A, B = self.A[module][:, slot], self.B[module][:, slot]  # [L, in, R], [L, R, out]
+            A, B = self.A[module][:, slot], self.B[module][:, slot]  # [L, R, in], [L, out, R]
             runs = [run for run in w.runs if run.module == module]
             stale = extents[slot]
             if stale > _covered(runs, self.spec.num_layers):  # the old adapter's values would show
-                A[:, :, :stale].zero_()
-                B[:, :stale, :].zero_()
+                A[:, :stale].zero_()
+                B[:, :, :stale].zero_()
             for run in runs:
-                A[run.layers, :, :run.rank].copy_(run.A, non_blocking=non_blocking)
-                B[run.layers, :run.rank, :].copy_(run.B, non_blocking=non_blocking)
+                A[run.layers, :run.rank].copy_(run.A, non_blocking=non_blocking)
+                b = B[run.layers, :, :run.rank]
+                if run.scale == 1.0:
+                    b.copy_(run.B, non_blocking=non_blocking)
+                elif b.dtype == run.B.dtype and b.device == run.B.device:
+                    torch.mul(run.B, run.scale, out=b)  # scaled on the way: no temporary
+                else:  # scaled in B's own dtype (fp32 from a load), then cast / moved
+                    b.copy_(run.B.to(self.device, non_blocking=non_blocking) * run.scale)
             extents[slot] = max((run.rank for run in runs), default=0)
         self.ranks[slot] = w.rank
         self._bump(slot)

@@ -188,7 +188,7 @@ class TritonLoraOp(LoraOp):
         if plan.shrink_key != x_key:
             self._shrink(x, layer, group, plan)
             plan.shrink_key, plan.shrink_x = x_key, x
-        b = self.slots.B[module][layer]  # [S, R, out]
+        b = self.slots.B[module][layer].transpose(1, 2)  # [S, R, out] view
         s_j = s[:, group.index(module)]  # [parts, T, R_batch]
         _expand_kernel[(plan.num_tiles, triton.cdiv(y.shape[1], BLOCK_N))](
             s_j, b, y, plan.tiles, y.shape[1], plan.parts,
@@ -199,7 +199,7 @@ class TritonLoraOp(LoraOp):
 
     def _shrink(self, x: Tensor, layer: int, group: tuple[str, ...], plan: _TritonPlan) -> None:
         """plan.shrunk[:, g] = the parts of x @ A_g for every module g of the group."""
-        a = [self.slots.A[m][layer] for m in group]  # [S, in, R] views
+        a = [self.slots.A[m][layer].transpose(1, 2) for m in group]  # [S, in, R] views
         a += [a[0]] * (3 - len(a))  # unused pointer arguments
         in_features = x.shape[1]
         k_chunk = triton.cdiv(triton.cdiv(in_features, plan.parts), BLOCK_K) * BLOCK_K

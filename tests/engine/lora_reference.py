@@ -67,8 +67,8 @@ def reference_lora(x: Tensor, slots: LoraSlots, layer: int, module: str, seg_len
     t = 0
     for n, slot in zip(seg_lens, seg_slots, strict=True):
         if slot >= 0 and module in slots.A:
-            A = slots.A[module][layer, slot].float().cpu()  # [in, R]
-            B = slots.B[module][layer, slot].float().cpu()  # [R, out]
+            A = slots.A[module][layer, slot].float().cpu().T  # [in, R]
+            B = slots.B[module][layer, slot].float().cpu().T  # [R, out]
             for i in range(t, t + n):
                 delta[i] = x[i].float().cpu() @ A @ B
         t += n

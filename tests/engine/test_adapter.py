@@ -113,8 +113,9 @@ def test_parity_with_peft(model, tmp_path, case):
 
 def test_compute_dtype(model, plain):
     w = load_peft_adapter(plain, model[1], torch.bfloat16, 64, False)
-    A, B = next(iter(w.modules.values()))
-    assert A.dtype == B.dtype == torch.bfloat16 and A.is_contiguous() and B.is_contiguous()
+    for run in w.runs:  # the host tier holds copies in the compute dtype, the scale folded in
+        assert run.A.dtype == run.B.dtype == torch.bfloat16 and run.A.is_contiguous() and run.B.is_contiguous()
+        assert run.scale == 1.0
 
 
 @pytest.mark.parametrize("config,words", [
@@ -266,6 +267,49 @@ def test_weights_are_the_files_transposed_and_scaled_bit_for_bit(model, plain, t
         assert torch.equal(B, (b.float().t() * 2.0).to(dtype)) and B.dtype == dtype  # alpha 16 / r 8
 
 
+def _in_file_order(src: Path, dst: Path, order) -> Path:
+    """A copy of adapter `src` whose safetensors data holds its tensors in order(names), not name order."""
+    shutil.copytree(src, dst)
+    st = dst / "adapter_model.safetensors"
+    tensors = load_file(st)
+    header, chunks, at = {}, [], 0
+    for name in order(sorted(tensors)):
+        raw = tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [at, at + len(raw)]}
+        chunks.append(raw)
+        at += len(raw)
+    st.write_bytes(_raw_safetensors(header, b"".join(chunks)))
+    return dst
+
+
+def test_an_fp32_file_is_loaded_as_views_of_its_one_buffer_in_any_tensor_order(tmp_path):
+    """No copy of an fp32 file's data: every run is a view of one buffer as large as the data. Layers in
+    name order (layer 10 after layer 1), reversed, or A and B apart, load the same weights, and a
+    slot holds them the same."""
+    spec = make_spec(layers=12)
+    plain = make_adapter(spec, tmp_path / "plain", r=4, alpha=8, targets=("q_proj", "o_proj", "down_proj"))
+    layouts = {"name order": plain,
+               "reversed": _in_file_order(plain, tmp_path / "reversed", lambda names: names[::-1]),
+               "A then B": _in_file_order(plain, tmp_path / "ab", lambda names: sorted(names, key=lambda n: n[-8:]))}
+    loaded = {how: load_peft_adapter(path, spec, torch.float32, 16, False) for how, path in layouts.items()}
+    want = loaded.pop("name order")
+    data_len = sum(t.nbytes for t in load_file(plain / "adapter_model.safetensors").values())
+    for w in [want, *loaded.values()]:
+        storages = {t.untyped_storage().data_ptr() for run in w.runs for t in (run.A, run.B)}
+        assert len(storages) == 1 and w.runs[0].A.untyped_storage().nbytes() == data_len == w.nbytes
+    assert [(r.module, r.layers) for r in want.runs if r.module == "q_proj"] == [
+        ("q_proj", slice(0, 2)), ("q_proj", slice(10, 12)), ("q_proj", slice(2, 10))]
+    slots = LoraSlots(spec, 2, 16, "cpu", torch.float32)
+    slots.load(0, want)
+    for how, w in loaded.items():
+        assert w.modules.keys() == want.modules.keys(), how
+        for key, (A, B) in want.modules.items():
+            assert torch.equal(w.modules[key][0], A) and torch.equal(w.modules[key][1], B), (how, key)
+        slots.load(1, w)
+        for m in slots.A:
+            assert torch.equal(slots.A[m][:, 1], slots.A[m][:, 0]) and torch.equal(slots.B[m][:, 1], slots.B[m][:, 0])
+
+
 def _raw_safetensors(header: dict, data: bytes) -> bytes:
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + data
@@ -383,6 +427,6 @@ def test_slot_reloads_hold_exactly_the_new_adapter():
             want_a, want_b = torch.zeros_like(slots.A[module][:, 1]), torch.zeros_like(slots.B[module][:, 1])
             for (layer, name), (a, b) in w.modules.items():
                 if name == module:
-                    want_a[layer, :, :a.shape[1]], want_b[layer, :b.shape[0]] = a, b
+                    want_a[layer, :a.shape[1]], want_b[layer, :, :b.shape[0]] = a.T, b.T
             assert torch.equal(slots.A[module][:, 1], want_a) and torch.equal(slots.B[module][:, 1], want_b)
         assert slots.ranks[1] == w.rank and not slots.A["q_proj"][:, 0].any()  # the other slot untouched

@@ -198,7 +198,7 @@ def test_changed_adapter_files_give_a_new_merged_version(tmp_path, monkeypatch):
     wait_ready(store, ref)
     generation, _ = store.last_load(ref)
     slot = store.acquire(ref)
-    assert store.slots.A["q_proj"][0, slot, 0, 0] == pytest.approx(0.5 * 1.0 + 0.25 * 2.0)  # A = [in, r]
+    assert store.slots.A["q_proj"][0, slot, 0, 0] == pytest.approx(0.5 * 1.0 + 0.25 * 2.0)  # A = [r, in]
     store.release(ref)
     make_adapter(STORE_SPEC, tmp_path / "b", fill=6.0)  # one adapter's files replaced
     lease = store.prefetch(ref)

@@ -170,7 +170,7 @@ def test_load_acquire_and_device_lru(tmp_path):
         assert wait_ready(store, ref) == "ready"
     sa = store.acquire(refs["a"])
     w = store.host.get("local:a")
-    assert torch.equal(store.slots.A["q_proj"][1, sa, :, :8], w.modules[(1, "q_proj")][0])
+    assert torch.equal(store.slots.A["q_proj"][1, sa, :8].T, w.modules[(1, "q_proj")][0])
     store.release(refs["a"])
     sb = store.acquire(refs["b"])
     store.release(refs["b"])

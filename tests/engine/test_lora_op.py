@@ -98,12 +98,12 @@ def test_ranks_and_lazy_allocation():
     assert slots.nbytes == 0 and not slots.has_module("q_proj")
     slots.load(0, make_weights(spec, 8, ("q_proj", "v_proj")))
     assert set(slots.A) == {"q_proj", "v_proj"}, "only targeted modules are allocated"
-    assert slots.A["q_proj"].shape == (3, 4, 64, 16) and slots.B["v_proj"].shape == (3, 4, 16, 32)
+    assert slots.A["q_proj"].shape == (3, 4, 16, 64) and slots.B["v_proj"].shape == (3, 4, 32, 16)
     assert slots.ranks == [8, 0, 0, 0]
     # a later adapter without q_proj in the same slot leaves no trace of the old one
     slots.load(0, make_weights(spec, 4, ("down_proj",), seed=3))
     assert slots.A["q_proj"][:, 0].abs().sum() == 0 and slots.B["q_proj"][:, 0].abs().sum() == 0
-    assert slots.A["down_proj"][:, 0, :, 4:].abs().sum() == 0, "padding columns stay zero"
+    assert slots.A["down_proj"][:, 0, 4:].abs().sum() == 0, "padding rows stay zero"
     with pytest.raises(ValueError):
         slots.load(1, make_weights(spec, 32))
 

@@ -84,8 +84,8 @@ def test_every_rank_reads_only_its_own():
     before = torch.zeros(n, 64, device=DEVICE)
     op.apply(before, x, 0, "q_proj", op.prepare([1] * n, list(range(n))))
     for slot, r in enumerate(ranks):  # poison the padding: a read past the rank would give NaN
-        slots.A["q_proj"][0, slot, :, r:] = float("nan")
-        slots.B["q_proj"][0, slot, r:, :] = float("nan")
+        slots.A["q_proj"][0, slot, r:] = float("nan")
+        slots.B["q_proj"][0, slot, :, r:] = float("nan")
     after = torch.zeros(n, 64, device=DEVICE)
     op.apply(after, x, 0, "q_proj", op.prepare([1] * n, list(range(n))))
     assert torch.equal(after, before)
