@@ -11,11 +11,11 @@ Tensors are allocated lazily, the first time a loaded adapter targets a module: 
 whose adapters touch only q/v pays nothing for the MLP. Memory per allocated module is
 `num_layers * num_slots * max_rank * (in + out) * itemsize` and is never given back.
 
-A load writes one copy per `LayerRun` (usually one per module; B multiplied by the run's scale on
-the way) and zeroes only what the slot's
-previous adapter may have left beyond it: per module and slot, `_extent` is the rank up to which
-values may be non-zero, so a rank-8 adapter replacing a rank-8 adapter on the same layers zeroes
-nothing, and no load clears the whole max_rank padding.
+A load writes one copy per `LayerRun` (a few per module: a 30-layer file in name order makes five;
+B multiplied by the run's scale on the way) and zeroes only what the slot's previous adapter may
+have left beyond it: per module and slot, `_extent` is the rank up to which values may be non-zero,
+so a rank-8 adapter replacing a rank-8 adapter on the same layers zeroes nothing, and no load
+clears the whole max_rank padding.
 """
 
 from __future__ import annotations
