@@ -5,8 +5,9 @@ is bound to its own `RequestState`/scheduler and sizes itself from free device m
 need a hard byte budget and our own adapter-aware admission. Its SDPA path reads the cache by
 packing every request into one sequence with a block-diagonal mask, which is quadratic in the batch
 on decode (slower here than a padded `generate`). So we keep the layout it and vLLM use
-([num_blocks, block_size, kv_heads, head_dim] per layer) and a block table per sequence, and the
-runner reads it with one flat gather index per step + torch SDPA (model_runner).
+([num_blocks, block_size, kv_heads, head_dim] per layer) and a block table per sequence. The runner
+reads it with one flat gather index per step + torch SDPA (model_runner); on CPU decode rows read
+their context from dense copies kept between steps instead (engine/decode_lanes.py).
 """
 
 from __future__ import annotations

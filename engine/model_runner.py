@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.config import LORA_MODULES
+from engine.decode_lanes import DecodeLanes, LanePlan
 from engine.kv_cache import KVCache
 from engine.model_loader import LoadedModel
 
@@ -101,9 +102,10 @@ class StepInputs:
     # decode rows: the first num_decode tokens; the cache blocks of each one's context, and which
     # of their positions it may see
     num_decode: int = 0
+    lanes: LanePlan | None = None  # where the rows' context is held dense (CPU); None: gathered per layer
     block_index: Tensor | None = None  # [num_decode * max_blocks] cache blocks of each row, zero-padded
     gathered: tuple[Tensor, Tensor] | None = None  # K, V buffers [num_decode * max_blocks, size, KV, D], every layer's
-    decode_masks: dict[int | None, Tensor] | None = None  # window -> [num_decode, 1, 1, max_blocks * block_size]
+    decode_masks: dict[int | None, Tensor] | None = None  # window -> [num_decode, 1, 1, keys], rows in lane order
     chunks: list[_Chunk] = field(default_factory=list)  # the prompt chunks, after the decode rows
 
 
@@ -147,6 +149,9 @@ class ModelRunner:
                 k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
             ))
         self.windows = sorted({layer.window for layer in self.layers if layer.window is not None})
+        # On CPU decode rows keep their K/V in lanes (engine/decode_lanes.py): at most as many tokens
+        # again as the paged cache holds, which host memory affords; device memory is kept for the cache.
+        self.lanes = DecodeLanes(kv_cache) if self.device.type == "cpu" else None
 
     # ---- step metadata -------------------------------------------------------------------------
 
@@ -203,23 +208,34 @@ class ModelRunner:
         )
         if decode:
             self._decode_metadata(step, [seqs[i] for i in decode])
+        elif self.lanes is not None:
+            self.lanes.forget()
         return step
 
     def _decode_metadata(self, step: StepInputs, rows: list[Sequence]) -> None:
-        """Each decode row's context (its tokens up to the one it runs) as whole cache blocks (one
-        12 KB row each for SmolLM2, not one per token); positions past it are masked."""
+        """Where each decode row's context (its tokens up to the one it runs) is read: its lane
+        (`DecodeLanes`), or else its whole cache blocks gathered per layer (one 12 KB row each for
+        SmolLM2, not one per token); positions past it are masked."""
         bs = self.kv_cache.block_size
-        lens = [s.num_computed_tokens + 1 for s in rows]
-        max_blocks = -(-max(lens) // bs)
-        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in rows]
+        lanes = self.lanes.plan(rows) if self.lanes is not None else None
+        if lanes is not None:
+            lens, length = list(lanes.lens), lanes.length
+        else:
+            lens = [s.num_computed_tokens + 1 for s in rows]
+            length = -(-max(lens) // bs) * bs
         lens_t = torch.tensor(lens, dtype=torch.long)[:, None]  # [B, 1]
-        pos = torch.arange(max_blocks * bs)[None, :]  # [1, L]
+        pos = torch.arange(length)[None, :]  # [1, L]
         visible = pos < lens_t
         masks: dict[int | None, Tensor] = {None: visible[:, None, None, :].to(self.device, non_blocking=True)}
         for w in self.windows:
             masks[w] = (visible & (pos >= lens_t - w))[:, None, None, :].to(self.device, non_blocking=True)
-        step.block_index = self._tensor([b for t in tables for b in t])
         step.decode_masks = masks
+        step.lanes = lanes
+        if lanes is not None:
+            return
+        max_blocks = length // bs
+        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in rows]
+        step.block_index = self._tensor([b for t in tables for b in t])
         # Every layer gathers into the same two buffers: a fresh multi-MB tensor per layer would be
         # fresh pages from the OS each time (measured: the gather 1.7x slower on CPU).
         cache = self.kv_cache.k[0]
@@ -305,15 +321,17 @@ class ModelRunner:
             layer.k_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, k)  # flat slot = block * size + offset
             layer.v_cache.flatten(0, 1).index_copy_(0, step.slot_mapping, v)
             if step.chunks:
-                o = self._mixed_attention(q, k, v, layer, step)
+                o = self._mixed_attention(q, k, v, i, layer, step)
             else:
-                o = self._decode_attention(q, layer, step)
+                o = self._decode_attention(q, k, v, i, layer, step)
             h = h + self._project(o, layer, i, "o_proj", step.lora)  # [T, hidden]
             x = self._rms_norm(h, layer.post_norm)
             gate = self._project(x, layer, i, "gate_proj", step.lora)  # [T, I]
             up = self._project(x, layer, i, "up_proj", step.lora)
             m = layer.act(gate) * up
             h = h + self._project(m, layer, i, "down_proj", step.lora)
+        if step.lanes is not None and self.lanes is not None:
+            self.lanes.commit(step.lanes)
         return h
 
     def _project(self, x: Tensor, layer: _Layer, i: int, module: str, lora: LoraBatch | None) -> Tensor:
@@ -329,14 +347,14 @@ class ModelRunner:
             return F.rms_norm(x, weight.shape, weight, self.eps)
         return weight * F.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
 
-    def _mixed_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: _Layer, step: StepInputs) -> Tensor:
+    def _mixed_attention(self, q: Tensor, k: Tensor, v: Tensor, i: int, layer: _Layer, step: StepInputs) -> Tensor:
         """The decode rows (the first num_decode tokens) as `_decode_attention`, then each prompt
         chunk: causal within itself, after its sequence's earlier chunks, which are read back from
         the cache (as are its own K/V, written there before). q [T, H, D], k/v [T, KV, D] -> [T, H * D]."""
         out = torch.empty_like(q)
         d = step.num_decode
         if d:
-            out[:d] = self._decode_attention(q[:d], layer, step).view(d, self.num_heads, self.head_dim)
+            out[:d] = self._decode_attention(q[:d], k[:d], v[:d], i, layer, step).view(d, self.num_heads, self.head_dim)
         for chunk in step.chunks:
             s, e = chunk.start, chunk.end
             if chunk.context is None:
@@ -351,27 +369,37 @@ class ModelRunner:
             )[0].transpose(0, 1)
         return out.view(q.shape[0], -1)
 
-    def _decode_attention(self, q: Tensor, layer: _Layer, step: StepInputs) -> Tensor:
-        """Each row's query against its paged context. q [B, H, D] -> [B, H * D]. No K/V repeat: on CPU
-        each query head is a query of length 1 and SDPA maps the H heads onto the KV heads
-        (enable_gqa: measured 15% faster there, 32 rows, SmolLM2); elsewhere the H/KV query heads of
+    def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, i: int, layer: _Layer, step: StepInputs) -> Tensor:
+        """Each row's query against its context, read from its lane or gathered from the paged cache.
+        q [B, H, D], k/v [B, KV, D] the rows' new K/V (already in the cache) -> [B, H * D]. No K/V
+        repeat: on CPU each query head is a query of length 1 and SDPA maps the H heads onto the KV
+        heads (enable_gqa: measured 15% faster there, 32 rows, SmolLM2); elsewhere the H/KV query heads of
         one KV head form the query "length" axis ([B, KV, H/KV, D]), which every SDPA backend takes
         with a mask (memory-efficient attention has no enable_gqa)."""
-        assert step.block_index is not None and step.decode_masks is not None and step.gathered is not None
+        assert step.decode_masks is not None
         b = q.shape[0]
-        shape = (b, -1, self.num_kv_heads, self.head_dim)  # [B, L, KV, D]
-        k_buf, v_buf = step.gathered
-        # [B, KV, L, D]
-        k = torch.index_select(layer.k_cache, 0, step.block_index, out=k_buf).view(shape).transpose(1, 2)
-        v = torch.index_select(layer.v_cache, 0, step.block_index, out=v_buf).view(shape).transpose(1, 2)
+        lanes = step.lanes
+        if lanes is not None and self.lanes is not None:  # [B, KV, L, D], rows in lane order
+            keys, values = self.lanes.read(i, layer.k_cache, layer.v_cache, k, v, lanes)
+            if lanes.row_of_lane is not None:
+                q = q.index_select(0, lanes.row_of_lane)
+        else:
+            assert step.block_index is not None and step.gathered is not None
+            shape = (b, -1, self.num_kv_heads, self.head_dim)  # [B, L, KV, D]
+            k_buf, v_buf = step.gathered
+            keys = torch.index_select(layer.k_cache, 0, step.block_index, out=k_buf).view(shape).transpose(1, 2)
+            values = torch.index_select(layer.v_cache, 0, step.block_index, out=v_buf).view(shape).transpose(1, 2)
         mask = step.decode_masks[layer.window]
         if q.device.type == "cpu":
             q = q.view(b, self.num_heads, 1, self.head_dim)  # [B, H, 1, D]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         else:
             q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, KV, G, D]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        return out.reshape(b, -1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        out = out.reshape(b, -1)
+        if lanes is not None and lanes.lane_of_row is not None:
+            out = out.index_select(0, lanes.lane_of_row)
+        return out
 
 
 def _advance(seqs: list[Sequence], num_new: list[int]) -> None:
