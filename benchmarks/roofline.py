@@ -237,7 +237,7 @@ def build(args: argparse.Namespace, root: Path) -> Bench:
     def step(mode: str) -> None:
         for seq in modes[mode]:
             seq.num_computed_tokens = context - 1  # the same decode step again: its K/V slot is rewritten
-        runner.run(modes[mode]).argmax(-1).tolist()
+        runner.run(modes[mode]).max(-1).indices.tolist()  # the greedy pick, as engine/sampler.py
 
     return Bench(step, shape, torch.get_num_threads())
 

@@ -108,6 +108,20 @@ def test_greedy_is_argmax_and_ignores_temperature() -> None:
     assert all(s.generator is None for s in states)
 
 
+def test_greedy_ties_go_to_the_lowest_id_as_argmax() -> None:
+    """Rows of a real vocabulary's width whose maximum repeats (near both ends, everywhere, with NaN):
+    the greedy token is argmax's, the first maximal id."""
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(3))
+    logits[0, [7, 40000]] = 50.0
+    logits[1, [30000, 49151]] = 50.0
+    logits[2] = 1.0
+    logits[3, [100, 20000]] = float("nan")
+    logits[4, 0] = 50.0
+    states = [SamplingState.create(SamplingParams()) for _ in range(5)]
+    tokens = Sampler().sample(logits.clone(), states, [[]] * 5).token_ids
+    assert tokens == logits.argmax(-1).tolist() == [7, 30000, 0, 100, 0]
+
+
 def test_greedy_applies_repetition_penalty() -> None:
     logits = random_logits(8, batch=1)
     top = int(logits.argmax())
