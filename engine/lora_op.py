@@ -273,7 +273,7 @@ class TorchLoraOp(LoraOp):
             out = out.index_select(0, plan.valid)
         out = out.to(y.dtype)
         if plan.scatter is None:
-            y[plan.rows] += out
+            y[plan.rows].add_(out)  # not `+=`: that would also copy the sum onto itself (setitem)
         else:
             y.index_add_(0, plan.scatter, out)
 
