@@ -244,7 +244,7 @@ class TorchLoraOp(LoraOp):
             return  # no loaded adapter targets this module, or no row has an adapter
         for s, n, slot, r in plan.long:
             a, b = self.slots.A[module][layer, slot, :r], self.slots.B[module][layer, slot, :, :r]
-            y[s:s + n] += ((x[s:s + n].to(a.dtype) @ a.T) @ b.T).to(y.dtype)  # [n, in] @ [in, r] @ [r, out]
+            y[s:s + n].add_(((x[s:s + n].to(a.dtype) @ a.T) @ b.T).to(y.dtype))  # [n, in] @ [in, r] @ [r, out]
         if plan.short_rank:
             self._apply_short(y, x, layer, module, group, plan)
 
