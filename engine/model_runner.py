@@ -157,7 +157,7 @@ class ModelRunner:
                 act=mlp.act_fn, window=_window(config, i),
                 k_cache=kv_cache.k[i], v_cache=kv_cache.v[i],
             ))
-        self.out_features = {name: m.out_features for name, m in linears.items()}
+        self.out_features = {name: out for name, (_, out) in model.spec.module_shapes.items()}
         self.windows = sorted({layer.window for layer in self.layers if layer.window is not None})
         # On CPU decode rows keep their K/V in lanes (engine/decode_lanes.py): at most as many tokens
         # again as the paged cache holds, which host memory affords; device memory is kept for the cache.
