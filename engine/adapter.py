@@ -38,6 +38,7 @@ from torch import Tensor
 
 from engine.config import LORA_MODULE_PARENT, LORA_MODULES
 from engine.request import EngineError, ErrorType
+from engine.spare_buffers import SpareBuffers
 
 if TYPE_CHECKING:
     from engine.model_loader import ModelSpec
@@ -386,6 +387,8 @@ def _header_entries(header: object, data_len: int) -> dict[str, _Entry]:
     return entries
 
 
+SPARES = SpareBuffers()  # safetensors data buffers; the loader refills them after each load
+
 # Adapters saved alike (one trainer, one config) have byte-identical headers: a deployment's loads
 # parse and check theirs once. Only headers of a usual size are kept (a hostile one may be 100 MB).
 _HEADER_CACHE_SIZE = 64
@@ -425,8 +428,8 @@ def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> tuple[Tensor,
                 raise ValueError(f"header length {n} in a file of {size} bytes")
             entries, shapes, offsets = _entries(f.read(n), size - 8 - n)
             _check_names(shapes, spec, plan)
-            data = bytearray(size - 8 - n)
-            if f.readinto(data) != len(data):
+            data = SPARES.take(size - 8 - n)  # [bytes] uint8
+            if f.readinto(data.numpy().data) != data.numel():
                 raise ValueError("the file is shorter than it was a moment ago")
     except EngineError:
         raise
@@ -436,9 +439,8 @@ def _read_safetensors(file: Path, spec: ModelSpec, plan: _Plan) -> tuple[Tensor,
         if e.dtype not in _ST_FLOATS:
             raise _invalid(f"tensor {name} has non-float values (dtype {e.dtype})")
     if offsets is not None:  # the usual file, one dtype: its tensors tile the buffer, converted once (or not)
-        return torch.frombuffer(data, dtype=_ST_FLOATS[next(iter(entries.values())).dtype]).float(), offsets
-    raw = torch.frombuffer(data, dtype=torch.uint8)
-    return _pack({name: raw[e.start:e.end].clone().view(_ST_FLOATS[e.dtype]) for name, e in entries.items()})
+        return data.view(_ST_FLOATS[next(iter(entries.values())).dtype]).float(), offsets
+    return _pack({name: data[e.start:e.end].clone().view(_ST_FLOATS[e.dtype]) for name, e in entries.items()})
 
 
 def _read_pickle(file: Path, spec: ModelSpec, plan: _Plan) -> tuple[Tensor, dict[str, int]]:

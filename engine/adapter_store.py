@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from engine.adapter import AdapterWeights, load_peft_adapter
+from engine.adapter import SPARES, AdapterWeights, load_peft_adapter
 from engine.adapter_merge import load_merged_adapter
 from engine.adapter_source import AdapterSource, HubSource, LocalSource
 from engine.byte_lru import ByteLRU
@@ -459,6 +459,7 @@ class AdapterStore:
             self._start_loads()
         if self._on_settled is not None:
             self._on_settled()
+        SPARES.refill()  # after the engine is woken: the next load of a file this size reads into ready pages
 
     def _insert(self, ref: AdapterRef, w: AdapterWeights, stamp: Hashable | None, ms: float,
                 disk_bytes: int | None, on_disk: bool) -> None:
